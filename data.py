@@ -1,0 +1,279 @@
+"""Text, images and preference data: everything between files on disk and a training batch.
+
+- Tokenizer: SentencePiece plus the four tokens Muffin appends ([PAD], <im_patch>, <im_start>,
+  <im_end>; ids 32000-32003 with LLaMA's tokenizer), and `train_tokenizer` for our own world.
+- The training template of RLHF-V (conv_v1_2): the image slots come right after "### Human: ".
+- Images: RGB, resized bicubic to a square, normalised with mean = std = 0.5 (Muffin's eval
+  transform, used for both policy and reference: no random crops, which would make the reference
+  log-probs disagree with training and flips, which would falsify left/right answers).
+- Datasets with random access: our JSONL, RLHF-V-Hall TSV (+ .lineidx), RLHF-V-Dataset parquet.
+- Collates: SFT rows, and DDPO batches of 2B rows (chosen rows, then rejected) sharing B images.
+
+Tests: python -m pytest tests/test_data.py
+"""
+import base64
+import hashlib
+import io
+import json
+import os
+import re
+
+import sentencepiece as spm
+import torch
+from PIL import Image
+
+import ddpo
+
+SPECIAL = ("[PAD]", "<im_patch>", "<im_start>", "<im_end>")
+SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+STOP = "###"  # answers end with "\n###"; generation stops when it appears
+
+
+class Tokenizer:
+    def __init__(self, model_file):
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        n = self.sp.get_piece_size()
+        self.pad_id, self.im_patch_id, self.im_start_id, self.im_end_id = range(n, n + 4)
+        self.special = dict(zip(SPECIAL, range(n, n + 4)))
+        self.vocab_size = n + 4
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self._split = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL) + ")")
+
+    def encode(self, text, bos=False):
+        """Text -> ids. The special tokens are matched literally, and the white space around them
+        is dropped, as transformers' slow LLaMA tokenizer of the Muffin era did."""
+        ids = [self.bos_id] if bos else []
+        for piece in self._split.split(text):
+            if piece in self.special:
+                ids.append(self.special[piece])
+            elif piece.strip():
+                ids.extend(self.sp.encode(piece.strip()))
+        return ids
+
+    def decode(self, ids):
+        return self.sp.decode([i for i in ids if 0 <= i < self.pad_id])
+
+
+def train_tokenizer(lines, model_file, vocab_size):
+    """Train a SentencePiece BPE model on an iterable of strings, written to model_file.
+    LLaMA's conventions: unk 0, bos 1, eos 2, no pad, byte fallback, no normalisation."""
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(model_file).removesuffix(".model"),
+        vocab_size=vocab_size, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2,
+        user_defined_symbols=[STOP])  # one piece, as in LLaMA's vocabulary, so stopping is one id
+    return Tokenizer(model_file)
+
+
+def prompt_ids(tok, question, n_query):
+    """BOS + the template up to "### Assistant:", with n_query image slots. The answer is encoded
+    on its own (see answer_ids), so the boundary between prompt and labels is exact."""
+    image = "<im_start>" + "<im_patch>" * n_query + "<im_end>"
+    return tok.encode(f"{SYSTEM}\n\n### Human: {image}\n{question.strip()}\n### Assistant:", bos=True)
+
+
+def answer_ids(tok, answer):
+    """The labelled part: the answer and its terminator "\\n###" (RLHF-V appends no EOS)."""
+    return tok.encode(answer.strip() + "\n" + STOP)
+
+
+# ---------------------------------------------------------------------------------------- images
+
+def load_image(src):
+    """A path or raw bytes -> an RGB PIL image. Raises ValueError naming the source when the file is
+    missing, unreadable, truncated, or a decompression bomb."""
+    name = src if isinstance(src, str) else f"<{len(src)} bytes>"
+    try:
+        img = Image.open(src if isinstance(src, str) else io.BytesIO(src))
+        img.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"image {name}: {e}") from None
+    if img.mode.startswith("I"):  # 16-bit grey: scale to 8 bits (a plain convert would clip)
+        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.new("RGB", rgba.size, (255, 255, 255))
+        img.paste(rgba, mask=rgba.getchannel("A"))  # transparent areas become white, not black
+    return img.convert("RGB")
+
+
+def image_tensor(img, size):
+    """PIL RGB -> [3, size, size] float: bicubic resize (no crop, no flip), (x - 0.5) / 0.5."""
+    img = img.resize((size, size), Image.BICUBIC)
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    return x.permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+
+
+# -------------------------------------------------------------------------------------- datasets
+
+class Records:
+    """Rows of a JSONL, TSV or parquet file by index, read from disk on demand (byte offsets for
+    JSONL and TSV; a TSV's .lineidx is used when present). Row i -> dict with `id` (a hash of the
+    content, which keys the reference cache), `image` (PIL RGB), `question` and `chosen` +
+    `rejected` (preference data) or `answer` (SFT data). A row that cannot be read comes back as
+    {"error": "<file>:<row>: why"} so that a run skips and counts it instead of dying."""
+
+    def __init__(self, path):
+        self.path, self.kind = str(path), str(path).rsplit(".", 1)[-1]
+        if self.kind == "parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise SystemExit(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or "
+                                 "convert it once to our JSONL: one {\"image\", \"question\", "
+                                 "\"chosen\", \"rejected\"} object per line") from None
+            self.pq = pq.ParquetFile(self.path)
+            sizes = [self.pq.metadata.row_group(g).num_rows for g in range(self.pq.num_row_groups)]
+            self.starts = [sum(sizes[:g]) for g in range(len(sizes) + 1)]
+            self.group = (None, None)
+        elif self.kind in ("jsonl", "tsv"):
+            idx = self.path[:-4] + ".lineidx"
+            if self.kind == "tsv" and os.path.exists(idx):
+                with open(idx) as f:
+                    self.offsets = [int(line) for line in f if line.strip()]
+            else:
+                self.offsets = line_offsets(self.path)
+        else:
+            raise ValueError(f"{path}: unknown data format (expected .jsonl, .tsv or .parquet)")
+
+    def __len__(self):
+        return self.starts[-1] if self.kind == "parquet" else len(self.offsets)
+
+    def __getitem__(self, i):
+        where = f"{self.path}:{i + 1}"
+        try:
+            row = getattr(self, "_" + self.kind)(i)
+            row["image"] = load_image(row["image"])
+        except (ValueError, KeyError, IndexError, TypeError, json.JSONDecodeError) as e:
+            return {"error": f"{where}: {type(e).__name__}: {e}"}
+        return row
+
+    def _line(self, i):
+        with open(self.path, "rb") as f:
+            f.seek(self.offsets[i])
+            return f.readline().decode("utf-8")
+
+    def _jsonl(self, i):
+        r = json.loads(self._line(i))
+        image = os.path.join(os.path.dirname(self.path), r["image"])
+        texts = {k: r[k] for k in ("question", "chosen", "rejected", "answer") if k in r}
+        return {"id": content_id(r["image"], texts), "image": image, **texts}
+
+    def _tsv(self, i):
+        cols = self._line(i).rstrip("\r\n").split("\t")
+        if len(cols) != 7:
+            raise ValueError(f"expected 7 tab-separated columns, found {len(cols)}")
+        fields = json.loads(base64.b64decode(cols[2], validate=True))
+        texts = dict(zip(("question", "chosen", "rejected"), fields[:3]))
+        texts["question"] = texts["question"].replace("<image>", "").strip()
+        return {"id": content_id(cols[1], texts), "image": base64.b64decode(cols[1], validate=True),
+                **texts}
+
+    def _parquet(self, i):
+        g = next(g for g in range(len(self.starts) - 1) if i < self.starts[g + 1])
+        if self.group[0] != g:  # keep one row group in memory, not the file
+            self.group = (g, self.pq.read_row_group(g, columns=["image", "text"]).to_pylist())
+        r = self.group[1][i - self.starts[g]]
+        texts = json.loads(r["text"])
+        texts = {k: texts[k] for k in ("question", "chosen", "rejected")}
+        return {"id": content_id(r["image"]["bytes"], texts), "image": r["image"]["bytes"], **texts}
+
+
+def line_offsets(path):
+    """Byte offset of every non-blank line (one pass; the lines themselves are not kept)."""
+    offsets, pos = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                offsets.append(pos)
+            pos += len(line)
+    return offsets
+
+
+def content_id(image, texts):
+    h = hashlib.sha1(image if isinstance(image, bytes) else image.encode())
+    h.update(json.dumps(texts, sort_keys=True).encode())
+    return h.hexdigest()[:20]
+
+
+# --------------------------------------------------------------------------------------- batches
+
+class Batcher:
+    """Collate functions for a DataLoader. Rows are BOS + prompt (with n_query image slots) + answer
+    + "\\n###"; labels only on the answer and its terminator. An answer too long for max_len is cut
+    from its end (the image slots are never touched); a prompt too long on its own, an unreadable
+    row, an empty field, or a pair whose chosen equals its rejected (zero gradient) is skipped and
+    counted in batch["skipped"]. Padding to a multiple of 8 keeps tensor cores busy."""
+
+    def __init__(self, tok, n_query, image_size, max_len, gamma=1.0, min_match=3, ref=None):
+        self.tok, self.n_query, self.image_size, self.max_len = tok, n_query, image_size, max_len
+        self.gamma, self.min_match, self.ref = gamma, min_match, ref
+
+    def _check(self, item, keys, skipped):
+        reason = item.get("error") and "unreadable row"
+        reason = reason or next((f"empty {k}" for k in keys if not str(item.get(k) or "").strip()), None)
+        if reason is None and "chosen" in keys and item["chosen"].strip() == item["rejected"].strip():
+            reason = "chosen == rejected"
+        prompt = None if reason else prompt_ids(self.tok, item["question"], self.n_query)
+        if prompt is not None and len(prompt) >= self.max_len:
+            reason = "prompt longer than max_len"
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+        return prompt
+
+    def _pack(self, rows, images, image_index, skipped, ids):
+        """rows: (prompt, answer, weights, ref) -> padded tensors; weights/ref align with logp [T-1]."""
+        T = -(-max(len(p) + len(a) for p, a, _, _ in rows) // 8) * 8
+        input_ids = torch.full((len(rows), T), self.tok.pad_id)
+        labels = torch.full((len(rows), T), ddpo.IGNORE_INDEX)
+        weights, ref = torch.zeros(len(rows), T - 1), torch.zeros(len(rows), T - 1)
+        for j, (p, a, w, r) in enumerate(rows):
+            n = len(p) + len(a)
+            input_ids[j, :n] = torch.tensor(p + a)
+            labels[j, len(p):n] = torch.tensor(a)
+            weights[j, len(p) - 1:n - 1] = w
+            if r is not None:
+                ref[j, len(p) - 1:n - 1] = r
+        batch = {"input_ids": input_ids, "labels": labels, "weights": weights,
+                 "images": torch.stack(images), "image_index": torch.tensor(image_index),
+                 "skipped": skipped, "ids": ids}
+        if self.ref is not None:
+            batch["ref_logps"] = ref
+        return batch
+
+    def sft(self, items):
+        rows, images, skipped, ids = [], [], {}, []
+        for it in items:
+            prompt = self._check(it, ("question", "answer"), skipped)
+            if prompt is not None:
+                a = answer_ids(self.tok, it["answer"])[:self.max_len - len(prompt)]
+                rows.append((prompt, a, torch.ones(len(a)), None))
+                images.append(image_tensor(it["image"], self.image_size))
+                ids.append(it["id"])
+        return self._pack(rows, images, list(range(len(rows))), skipped, ids) if rows else {"skipped": skipped}
+
+    def pairs(self, items):
+        chosen, rejected, images, skipped, ids = [], [], [], {}, []
+        for it in items:
+            prompt = self._check(it, ("question", "chosen", "rejected"), skipped)
+            if prompt is None:
+                continue
+            room = self.max_len - len(prompt)
+            c, r = answer_ids(self.tok, it["chosen"]), answer_ids(self.tok, it["rejected"])
+            # diffed with the prompt in front, as RLHF-V diffs whole conversations: an edit in the
+            # first tokens of an answer then sits after a long match, not after a dropped short one
+            wc, wr = (w[len(prompt):] for w in ddpo.token_weights(prompt + c, prompt + r, self.gamma,
+                                                                   self.min_match))
+            ref_c = ref_r = None
+            if self.ref is not None:
+                ref_c, ref_r = self.ref.lookup(it["id"], min(len(c), room), min(len(r), room))
+            chosen.append((prompt, c[:room], wc[:room], ref_c))
+            rejected.append((prompt, r[:room], wr[:room], ref_r))
+            images.append(image_tensor(it["image"], self.image_size))
+            ids.append(it["id"])
+        if not chosen:
+            return {"skipped": skipped}
+        B = len(chosen)
+        return self._pack(chosen + rejected, images, list(range(B)) * 2, skipped, ids)

@@ -1,0 +1,384 @@
+"""LLaMA and Muffin, the multimodal model of RLHF-V (Yu et al. 2023, arXiv 2310.00653).
+
+Muffin = BEiT-3 (vision.py) whose 64 learned query tokens, appended after the image patches and
+routed through the language expert, are projected by one Linear into a LLaMA decoder, where they
+replace the embeddings of the <im_patch> slots between <im_start> and <im_end>.
+
+Module names mirror transformers' LlamaForCausalLM and the Muffin/RLHF-V release, so checkpoints
+load key for key: `model.layers.*`, `lm_head.*`, `model.vision_tower.beit3.*`, `model.query`,
+`model.mm_projector.*`.
+
+    from model import LLaMA, Muffin, CONFIGS
+    llm = LLaMA.from_pretrained("TinyLlama-1.1B")     # HF dir: config.json + (sharded) weights
+    m = Muffin.from_pretrained("RLHF-V")               # ours, or the official release layout
+    logits = m(input_ids, images=images, image_index=image_index)   # [R, T, V]
+    m.save_pretrained("out/ckpt")                      # config.json + model.safetensors
+
+Tests: python -m pytest tests/test_model.py
+"""
+import json
+import os
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from vision import BEiT3, BEiT3Config, config_from_weights, load_exact, read_weights
+
+
+@dataclass
+class LLaMAConfig:  # field names are those of transformers' config.json, so the file round-trips
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 0   # 0: as many as query heads (MHA); fewer: grouped-query attention
+    head_dim: int = 0              # 0: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, d):
+        """From a transformers 4.x or 5.x config.json dict (5.x nests rope_theta in rope_parameters)."""
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"config.json: RoPE scaling {rope} is not supported (plain RoPE only)")
+        if d.get("hidden_act", "silu") != "silu" or d.get("attention_bias") or d.get("mlp_bias"):
+            raise ValueError("config.json: only SiLU MLPs without biases are supported (LLaMA)")
+        known = {f.name for f in fields(cls)}
+        args = {k: v for k, v in d.items() if k in known and v is not None}
+        args["rope_theta"] = d.get("rope_theta") or rope.get("rope_theta") or 10000.0
+        return cls(**args)
+
+
+@dataclass
+class MuffinConfig:
+    llm: LLaMAConfig
+    vision: BEiT3Config
+    n_query: int = 64           # learned queries: image tokens per image in the decoder
+    im_patch_id: int = 32001    # the tokenizer's <im_patch> id (LLaMA 32000 + 1)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(LLaMAConfig(**d["llm"]), BEiT3Config(**d["vision"]), d["n_query"], d["im_patch_id"])
+
+
+# Named sizes. vocab_size and im_patch_id of the small ones are set from the tokenizer at run time.
+_VICUNA_13B = LLaMAConfig(32004, 5120, 13824, 40, 40)
+_TINYLLAMA = LLaMAConfig(32000, 2048, 5632, 22, 32, 4)
+_BEIT3_BASE = BEiT3Config()
+CONFIGS = {
+    # CPU tests: seconds. GQA on, so the tests exercise it.
+    "tiny": MuffinConfig(LLaMAConfig(512, 64, 128, 2, 4, 2, max_position_embeddings=512),
+                         BEiT3Config(32, 8, 32, 2, 2, 64), n_query=8, im_patch_id=509),
+    # the miniature RLHF-V of train.py: 48 px scenes, trained from scratch on a CPU in minutes
+    "mini": MuffinConfig(LLaMAConfig(512, 128, 384, 4, 4, 2, max_position_embeddings=512),
+                         BEiT3Config(48, 8, 96, 3, 3, 256), n_query=16, im_patch_id=509),
+    # speed benchmarks: TinyLlama-1.1B's decoder, with a BEiT-3 base tower at 224 px
+    "llama-1.1b": MuffinConfig(_TINYLLAMA, _BEIT3_BASE),
+    # the paper's model: BEiT-3 L/16 at 448 px + Vicuna-13B
+    "muffin-13b": MuffinConfig(_VICUNA_13B, BEiT3Config(448, 16, 1024, 24, 16, 4096)),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(pos, head_dim, theta, dtype):
+    """cos, sin [T, head_dim] for positions pos [T], computed in fp32 (then cast) like transformers."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)
+    angles = pos.float()[:, None] * inv_freq[None]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotary embedding in the rotate-half layout of transformers' LLaMA checkpoints (whose q/k
+    weights are permuted for it), not the interleaved pairs of Meta's original code."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values [B, kv_heads, max_len, head_dim], written at positions in place
+    (a static shape, so the decode step can be captured in a CUDA graph)."""
+
+    def __init__(self, batch, max_len, kv_heads, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos, k, v):
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, c: LLaMAConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=False)
+        self.kv_cache = None
+
+    def forward(self, x, rope, mask=None, input_pos=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.kv_heads != self.heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: LLaMAConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: LLaMAConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, rope, mask=None, input_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LLaMA(nn.Module):
+    def __init__(self, config: LLaMAConfig):
+        super().__init__()
+        self.config = self.llm_config = config
+        c = config
+        self.model = nn.Module()  # transformers' LlamaModel: the names of the checkpoint keys
+        self.model.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.model.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
+        self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.tie_weights()
+        self.grad_checkpointing = False  # recompute each block's activations in backward
+
+    def tie_weights(self):
+        if self.llm_config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, idx, input_pos=None, mask=None):
+        """idx [B, T] token ids -> logits [B, T, vocab]."""
+        return self.lm_head(self.decode(self.model.embed_tokens(idx), input_pos, mask))
+
+    def decode(self, x, input_pos=None, mask=None):
+        """Input embeddings [B, T, d] -> final normalised hidden states [B, T, d].
+        Without a KV cache: causal attention over x. With one (setup_cache): x sits at cache slots
+        input_pos [T]; mask [T or B, 1, T, slots] (bool, True = attend) defaults to causal."""
+        c = self.llm_config
+        pos = torch.arange(x.shape[1], device=x.device) if input_pos is None else input_pos
+        rope = rope_tables(pos, c.head_dim, c.rope_theta, x.dtype)
+        cache = self.model.layers[0].self_attn.kv_cache
+        if cache is not None and mask is None:
+            mask = torch.arange(cache.k.shape[2], device=x.device)[None] <= pos[:, None]
+        for layer in self.model.layers:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, rope, mask, input_pos, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, input_pos)
+        return self.model.norm(x)
+
+    def setup_cache(self, batch, max_len, dtype=None, device=None):
+        p = self.lm_head.weight
+        for layer in self.model.layers:
+            a = layer.self_attn
+            a.kv_cache = KVCache(batch, max_len, a.kv_heads, a.head_dim, dtype or p.dtype, device or p.device)
+
+    def clear_cache(self):
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    def num_params(self, embeddings=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.model.embed_tokens.weight.numel()
+
+    def init_weights(self, std=0.02):
+        """Fresh initialisation for training from scratch (GPT-2/LLaMA style normal(0, 0.02))."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None):
+        """An HF-layout directory: config.json + model.safetensors, or shards with their index
+        (*.safetensors, or *.bin read with weights_only=True). Built on the meta device and the
+        loaded tensors assigned, so the weights are in memory once."""
+        with open(os.path.join(path, "config.json")) as f:
+            d = json.load(f)
+        sd = read_checkpoint(path)
+        return cls._build(cls._config_from(d, sd, path), sd, path, dtype)
+
+    @classmethod
+    def _config_from(cls, d, sd, path):
+        return LLaMAConfig.from_hf(d)
+
+    @classmethod
+    def _build(cls, config, sd, source, dtype):
+        with torch.device("meta"):
+            model = cls(config)
+        tied = ("lm_head.weight",) if model.llm_config.tie_word_embeddings else ()
+        # transformers 4.2x saved RoPE's inv_freq; Muffin's BEiT-3 may keep its unused text embedding
+        load_exact(model, sd, str(source), ignore=("rotary_emb.inv_freq", "text_embed.", "mask_token"),
+                   optional=tied)
+        model.tie_weights()
+        return model.to(dtype) if dtype else model
+
+    def config_dict(self):
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **asdict(self.config)}
+
+    def save_pretrained(self, path):
+        """config.json + model.safetensors (transformers reads both), each written atomically."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        sd = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.llm_config.tie_word_embeddings:
+            sd.pop("lm_head.weight")  # shared with the embedding; safetensors stores it once
+        atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(sd, p, {"format": "pt"}))
+        atomic_write(os.path.join(path, "config.json"), json.dumps(self.config_dict(), indent=2))
+
+
+class Muffin(LLaMA):
+    def __init__(self, config: MuffinConfig):
+        super().__init__(config.llm)
+        self.config = config
+        self.model.vision_tower = nn.Module()
+        self.model.vision_tower.beit3 = BEiT3(config.vision)
+        self.model.query = nn.Parameter(torch.zeros(config.n_query, config.vision.dim))
+        self.model.mm_projector = nn.Linear(config.vision.dim, config.llm.hidden_size)
+
+    def forward(self, input_ids, images=None, image_index=None, input_pos=None, mask=None):
+        """input_ids [R, T]; images [B, 3, H, W]; image_index [R] (which image row r shows, default
+        r): each image is encoded once however many rows share it. -> logits [R, T, vocab]."""
+        x = self.model.embed_tokens(input_ids)
+        if images is not None:
+            x = self.splice(input_ids, x, self.encode_images(images), image_index)
+        return self.lm_head(self.decode(x, input_pos, mask))
+
+    def encode_images(self, images):
+        """images [B, 3, H, W] -> projected query features [B, n_query, d_llm]."""
+        queries = self.model.query.to(images.dtype).expand(images.shape[0], -1, -1)
+        h = self.model.vision_tower.beit3(images, extra=queries)
+        return self.model.mm_projector(h[:, -self.config.n_query:])
+
+    def splice(self, input_ids, x, feats, image_index=None):
+        """Replace the embeddings of each row's <im_patch> slots, in order, by its image's features."""
+        n = self.config.n_query
+        index = torch.arange(len(input_ids), device=x.device) if image_index is None else image_index
+        slots = input_ids == self.config.im_patch_id
+        counts = slots.sum(1)
+        if feats.shape[1] != n or len(index) != len(input_ids) or (counts != n).any():
+            raise ValueError(f"image slots do not match the features: rows have {counts.tolist()} "
+                             f"<im_patch> tokens, each image gives {feats.shape[1]} features (expected "
+                             f"{n}), {len(index)} image indices for {len(input_ids)} rows")
+        return x.masked_scatter(slots.unsqueeze(-1), feats[index].to(x.dtype))
+
+    def init_weights(self, std=0.02):
+        super().init_weights(std)
+        nn.init.trunc_normal_(self.model.query, std=std)
+        nn.init.trunc_normal_(self.model.vision_tower.beit3.vision_embed.cls_token, std=std)
+        return self
+
+    @classmethod
+    def _config_from(cls, d, sd, path):
+        if "llm" in d:  # ours
+            return MuffinConfig.from_dict(d)
+        # the official release: a LLaMA config.json plus mm_* fields; the tower's shape comes
+        # from its weights, the <im_patch> id from added_tokens.json
+        prefix = "model.vision_tower.beit3."
+        vision = config_from_weights({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+        added = os.path.join(path, "added_tokens.json")
+        patch_id = json.load(open(added)).get("<im_patch>", 32001) if os.path.exists(added) else 32001
+        return MuffinConfig(LLaMAConfig.from_hf(d), BEiT3Config(**vision),
+                            d.get("num_query", sd["model.query"].shape[0]), patch_id)
+
+    def config_dict(self):
+        return {"model_type": "nanorlhfv-muffin", **asdict(self.config)}
+
+
+def read_checkpoint(path):
+    """All tensors of a checkpoint directory: a shard index (safetensors or .bin) or one file."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if os.path.exists(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            sd = {}
+            for shard in shards:
+                sd.update(read_weights(os.path.join(path, shard)))
+            return sd
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.exists(os.path.join(path, name)):
+            return read_weights(os.path.join(path, name))
+    raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin or shard index")
+
+
+def atomic_write(path, content):
+    """Write content (bytes, str, or a function that writes the file at the path it is given) to a
+    temporary file, fsync it, then rename it over path: a crash leaves the old file or the new."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    if callable(content):
+        content(tmp)
+    else:
+        with open(tmp, "wb") as f:
+            f.write(content.encode() if isinstance(content, str) else content)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def train_flops(model, n_tokens, n_images=0):
+    """Forward + backward FLOPs of a step: 6 per weight per token (the quadratic attention term left
+    out), the decoder over n_tokens, the vision tower once per image over its own tokens."""
+    vision = sum(p.numel() for p in model.model.vision_tower.parameters())
+    decoder = model.num_params(embeddings=False) - vision
+    v = model.config.vision
+    return 6 * decoder * n_tokens + 6 * vision * n_images * (v.n_patches + 1 + model.config.n_query)
+
+
+def sized(name, vocab_size=None, im_patch_id=None):
+    """A named config, with the vocabulary of a tokenizer (its size and <im_patch> id)."""
+    c = CONFIGS[name]
+    return replace(c, llm=replace(c.llm, vocab_size=vocab_size or c.llm.vocab_size),
+                   im_patch_id=im_patch_id or c.im_patch_id)

@@ -1,0 +1,58 @@
+"""Shared fixtures: a SentencePiece tokenizer and a small preference dataset, made by the tests."""
+import json
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import world  # noqa: E402
+from data import SYSTEM, train_tokenizer  # noqa: E402
+from model import Muffin, sized  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    rng = random.Random(0)
+    scenes, _ = world.make_world(0, 200, 0)
+    text = [f"{SYSTEM}\n\n### Human: \n{q}\n### Assistant: {a}\n###"
+            for _, q, a in world.sft_examples(scenes, rng)] + world.corpus(scenes, rng)
+    return train_tokenizer(text, tmp_path_factory.mktemp("tok") / "tok.model", 400)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """16 scenes at 32 px; pairs.jsonl (chosen = a correct description, rejected = the same with one
+    colour swapped) and sft.jsonl (the correct descriptions), in our JSONL format."""
+    d = tmp_path_factory.mktemp("data")
+    rng = random.Random(1)
+    scenes, _ = world.make_world(1, 16, 0)
+    os.makedirs(d / "images")
+    pairs, sft = [], []
+    for i, scene in enumerate(scenes):
+        world.render(scene, 32).save(d / "images" / f"{i}.png")
+        good = world.describe(scene, rng)
+        colour = scene.objects[0].colour
+        bad = good.replace(colour, next(c for c in world.COLOURS if c != colour), 1)
+        pairs.append({"image": f"images/{i}.png", "question": "Describe this image in detail.",
+                      "chosen": good, "rejected": bad})
+        sft.append({"image": f"images/{i}.png", "question": "Describe this image in detail.", "answer": good})
+    for name, rows in (("pairs.jsonl", pairs), ("sft.jsonl", sft)):
+        with open(d / name, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return d
+
+
+@pytest.fixture
+def init_ckpt(tok, tmp_path):
+    """A freshly initialised tiny Muffin saved with its tokenizer: a checkpoint to --init from."""
+    torch.manual_seed(0)
+    model = Muffin(sized("tiny", tok.vocab_size, tok.im_patch_id)).init_weights()
+    path = tmp_path / "init"
+    model.save_pretrained(path)
+    with open(path / "tokenizer.model", "wb") as f:
+        f.write(tok.sp.serialized_model_proto())
+    return path

@@ -1,0 +1,438 @@
+"""Training: SFT and dense DPO (DDPO) of Muffin, and the miniature RLHF-V that runs by default.
+
+    python train.py                                  # the whole miniature RLHF-V, offline (see README)
+    python train.py --gamma=1                        # ... with vanilla DPO: the paper's Table 3 ablation
+    python train.py --stage=ddpo --data=pairs.jsonl --init=sft_ckpt --out_dir=out/run
+    python train.py --stage=sft --data=sft.jsonl --model=mini --tokenizer=tok.model
+    python train.py --stage=ddpo ... --resume        # continue an interrupted run exactly
+
+A DDPO step (paper Sec. 3.2): chosen and rejected rows share their image, which is encoded once;
+one forward gives the policy's token log-probs, Eq. 5 weighs them into sequence scores, Eq. 4 turns
+the scores and the cached reference scores into the loss. The reference is the initial model: its
+per-token log-probs are computed once, before the first update, with the very batches of training
+(same tokens, template and image transform), and cached on disk by sample id.
+"""
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import ddpo
+from data import Batcher, Records, Tokenizer
+from model import Muffin, atomic_write, sized, train_flops
+from sample import parse_args
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "rlhfv"     # rlhfv: the miniature end to end; sft; ddpo
+    out_dir: str = "out"
+    seed: int = 0            # picks the synthetic world, the initialisation and the data order
+    data: str = ""           # sft/ddpo: .jsonl, RLHF-V-Hall .tsv or RLHF-V-Dataset .parquet
+    init: str = ""           # checkpoint to start from; ddpo: the SFT model, also the reference
+    tokenizer: str = ""      # default: <init>/tokenizer.model
+    model: str = "mini"      # named size (model.CONFIGS) when training from scratch
+    resume: bool = False     # continue from <out_dir>/latest
+    # DDPO (paper: gamma 5, beta 0.5, averaged scores)
+    gamma: float = 5.0       # weight of tokens in corrected segments; 1 = vanilla DPO
+    beta: float = 0.5
+    average: bool = False    # True: paper Eq. 5 (mean over weighted tokens); False: weighted sum
+    min_match: int = 3       # diff: shorter matching blocks do not split a corrected segment
+    sft_weight: float = 0.0  # + weight * NLL of the chosen answer (0 in the paper)
+    ref_cache: str = ""      # default: <out_dir>/ref_logps.safetensors
+    # optimisation (paper: lr 5e-7, batch 32, 320 steps, warm-up 10%, clip 1, all params trained)
+    steps: int = 300
+    batch_size: int = 32     # pairs (ddpo) or answers (sft) per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-5
+    warmup: float = 0.1      # fraction of steps; then cosine to 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_len: int = 2048      # tokens per row; answers are cut from the end to fit
+    freeze_vision: bool = False  # requires_grad=False on the BEiT-3 tower
+    grad_ckpt: bool = False  # recompute decoder blocks in backward (less memory, ~30% slower)
+    compile: bool = False
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    workers: int = 0         # DataLoader processes
+    log_every: int = 10
+    save_every: int = 100
+    # the miniature RLHF-V (stage rlhfv)
+    n_train: int = 6000      # training scenes: SFT captions, then answers to collect and correct
+    n_test: int = 1000       # held-out scenes for evaluation
+    image_size: int = 48
+    sft_steps: int = 1500
+    sft_lr: float = 1e-3
+    ablation: bool = False   # also run vanilla DPO (gamma 1) and SFT on the corrected answers
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+              "L4": 121e12, "4090": 165e12, "3090": 71e12}  # dense bf16 tensor-core peaks
+
+
+def peak_flops(device):
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def lr_at(step, cfg, lr):
+    """Linear warm-up, then cosine decay to 0 at cfg.steps."""
+    warm = max(1, int(cfg.warmup * cfg.steps))
+    if step < warm:
+        return lr * (step + 1) / warm
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
+
+
+def batches(records, collate, cfg, start):
+    """Micro-batches without end, in an order fixed by (seed, epoch), from micro-batch `start` on:
+    a resumed run sees exactly the batches the uninterrupted run would have seen."""
+    per_epoch = len(records) // cfg.batch_size
+    if per_epoch == 0:
+        raise SystemExit(f"{records.path}: {len(records)} rows, fewer than one batch of {cfg.batch_size}")
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        order = order[:per_epoch * cfg.batch_size].view(per_epoch, cfg.batch_size)[skip:].tolist()
+        yield from torch.utils.data.DataLoader(records, batch_sampler=order, collate_fn=collate,
+                                               num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"))
+        epoch, skip = epoch + 1, 0
+
+
+def forward_loss(model, batch, cfg, stage):
+    """The loss of one micro-batch and its metrics (0-d tensors)."""
+    logits = model(batch["input_ids"], images=batch["images"], image_index=batch["image_index"])
+    logp, mask = ddpo.token_logps(logits, batch["labels"])
+    if stage == "sft":
+        nll = -logp.sum() / mask.sum()
+        return nll, {"loss": nll.detach()}
+    B = len(logp) // 2  # chosen rows, then rejected rows
+    pi = ddpo.weighted_scores(logp, mask, batch["weights"], cfg.average)
+    ref = ddpo.weighted_scores(batch["ref_logps"], mask, batch["weights"], cfg.average)
+    losses, r_w, r_l = ddpo.ddpo_loss(pi[:B], pi[B:], ref[:B], ref[B:], cfg.beta)
+    loss = losses.mean()
+    if cfg.sft_weight:  # a per-token NLL anchor on the chosen answers, whatever the score mode
+        loss = loss - cfg.sft_weight * logp[:B].sum() / mask[:B].sum()
+    return loss, {"loss": loss.detach(), **ddpo.ddpo_metrics(r_w, r_l, pi[:B], pi[B:], ref[:B], ref[B:])}
+
+
+class RefCache:
+    """Per-token log-probs of every answer under the reference model, keyed "<sample id>/chosen"
+    and "<sample id>/rejected". Sample ids hash the content, so edited data is not silently
+    matched to stale numbers: a missing id or a different token count is an error."""
+
+    def __init__(self, path, tensors):
+        self.path, self.tensors = path, tensors
+
+    def lookup(self, sid, n_chosen, n_rejected):
+        c, r = self.tensors.get(f"{sid}/chosen"), self.tensors.get(f"{sid}/rejected")
+        if c is None or r is None:
+            raise ValueError(f"{self.path}: no reference log-probs for sample {sid}: the data changed "
+                             "since the cache was computed; delete the file to recompute it")
+        if (len(c), len(r)) != (n_chosen, n_rejected):
+            raise ValueError(f"{self.path}: sample {sid} has {len(c)}/{len(r)} cached tokens but "
+                             f"{n_chosen}/{n_rejected} now (another tokenizer or max_len?); delete the "
+                             "file to recompute it")
+        return c, r
+
+
+@torch.no_grad()
+def reference_logps(model, records, batcher, cfg):
+    """Compute (once) or load the reference cache. Run before the first update, so the policy is
+    still the initial model: the reference never sits beside the policy in memory."""
+    from safetensors.torch import load_file, save_file
+    path = cfg.ref_cache or os.path.join(cfg.out_dir, "ref_logps.safetensors")
+    if os.path.exists(path):
+        return RefCache(path, load_file(path))
+    was_training, out = model.training, {}
+    model.eval()
+    for i in range(0, len(records), cfg.batch_size):
+        batch = batcher.pairs([records[j] for j in range(i, min(i + cfg.batch_size, len(records)))])
+        if "input_ids" not in batch:
+            continue
+        batch = to_device(batch, cfg.device)
+        with autocast(cfg.device):
+            logp, mask = ddpo.token_logps(model(batch["input_ids"], images=batch["images"],
+                                                image_index=batch["image_index"]), batch["labels"])
+        logp, mask, B = logp.cpu(), mask.cpu(), len(batch["ids"])
+        for j, sid in enumerate(batch["ids"]):
+            out[f"{sid}/chosen"], out[f"{sid}/rejected"] = logp[j][mask[j]], logp[B + j][mask[B + j]]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write(path, lambda p: save_file(out, p, {"init": cfg.init, "data": cfg.data}))
+    model.train(was_training)
+    return RefCache(path, out)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on the CPU."""
+    return torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def load_model(cfg, tok):
+    """The model to train: the latest checkpoint when resuming, else --init, else a fresh one."""
+    latest = os.path.join(cfg.out_dir, "latest")
+    if cfg.resume and os.path.exists(latest):
+        with open(latest) as f:
+            ckpt = os.path.join(cfg.out_dir, f.read().strip())
+        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
+        return Muffin.from_pretrained(ckpt), state
+    if cfg.init:
+        return Muffin.from_pretrained(cfg.init), None
+    torch.manual_seed(cfg.seed)
+    return Muffin(sized(cfg.model, tok.vocab_size, tok.im_patch_id)).init_weights(), None
+
+
+def save(model, tok_file, path, state=None):
+    """Weights + config + tokenizer in `path` (a directory sample.py can load); with `state`, also
+    the optimizer, step and RNG. Every file is written atomically."""
+    model.save_pretrained(path)
+    with open(tok_file, "rb") as f:
+        blob = f.read()
+    atomic_write(os.path.join(path, "tokenizer.model"), blob)
+    if state is not None:
+        atomic_write(os.path.join(path, "state.pt"), lambda p: torch.save(state, p))
+
+
+def train(cfg, stage):
+    """SFT (teacher-forced NLL of the answers) or DDPO on cfg.data; returns the trained model."""
+    tok_file = cfg.tokenizer or os.path.join(cfg.init, "tokenizer.model")
+    tok = Tokenizer(tok_file)
+    model, state = load_model(cfg, tok)
+    c = model.config
+    if (c.llm.vocab_size, c.im_patch_id) != (tok.vocab_size, tok.im_patch_id):
+        raise SystemExit(f"{tok_file} does not match the model: {tok.vocab_size} tokens and <im_patch> "
+                         f"{tok.im_patch_id}, the model has {c.llm.vocab_size} and {c.im_patch_id}")
+    model.to(cfg.device)
+    records = Records(cfg.data)
+    batcher = Batcher(tok, c.n_query, c.vision.img_size, cfg.max_len, cfg.gamma, cfg.min_match)
+    if stage == "ddpo":
+        batcher.ref = reference_logps(model, records, batcher, cfg)
+    model.model.vision_tower.requires_grad_(not cfg.freeze_vision)
+    model.grad_checkpointing = cfg.grad_ckpt
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=cfg.weight_decay, fused=cfg.device.startswith("cuda"))
+    step = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+    fwd = torch.compile(model) if cfg.compile else model
+    data = batches(records, batcher.sft if stage == "sft" else batcher.pairs, cfg, step * cfg.grad_accum)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
+    peak, flops = peak_flops(cfg.device), 0.0
+    skipped, window, t0, t_start, start_step = {}, {}, time.time(), time.time(), step
+    model.train()
+    while step < cfg.steps:
+        lr = lr_at(step, cfg, cfg.lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for _ in range(cfg.grad_accum):
+            batch = next(data)
+            for k, v in batch.pop("skipped").items():
+                skipped[k] = skipped.get(k, 0) + v
+            if "input_ids" not in batch:
+                continue  # every row of this micro-batch was skipped
+            batch = to_device(batch, cfg.device)
+            with autocast(cfg.device):
+                loss, metrics = forward_loss(fwd, batch, cfg, stage)
+            (loss / cfg.grad_accum).backward()
+            metrics["tokens"] = (batch["input_ids"] != tok.pad_id).sum()
+            metrics["rows"] = torch.tensor(float(len(batch["input_ids"])))
+            flops += train_flops(model, batch["input_ids"].numel(), len(batch["images"]))
+            for k, v in metrics.items():  # summed on the device: no host sync per micro-step
+                window[k] = window.get(k, 0) + v.float()
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+        if not torch.isfinite(norm):  # one host sync per step, so a NaN never reaches the weights
+            raise FloatingPointError(f"step {step + 1}: non-finite loss or gradient (norm {norm.item()}); "
+                                     f"update not applied; the last checkpoint in {cfg.out_dir} is intact")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        window["grad_norm"] = window.get("grad_norm", 0) + norm
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            n, dt = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every, time.time() - t0
+            rec = {k: v.item() / (n * (1 if k in ("tokens", "rows", "grad_norm") else cfg.grad_accum))
+                   for k, v in window.items()}
+            tok_s = rec.pop("tokens") * n / dt
+            rec.update(step=step, lr=lr, tokens_per_s=tok_s, rows_per_s=rec.pop("rows") * n / dt,
+                       mfu=peak and flops / dt / peak)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            elapsed = time.time() - t_start
+            eta = elapsed / (step - start_step) * (cfg.steps - step)
+            print(f"{stage} {step}/{cfg.steps} loss {rec['loss']:.4f}"
+                  + (f" margin {rec['rewards/margins']:.3f} acc {rec['rewards/accuracies']:.2f}"
+                     if stage == "ddpo" else "")
+                  + f" lr {lr:.2e} | {tok_s:,.0f} tok/s"
+                  + (f" mfu {rec['mfu']:.1%}" if peak else "")
+                  + f" | {elapsed:.0f}s, eta {eta:.0f}s", flush=True)
+            window, t0, flops = {}, time.time(), 0.0
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(model, opt, step, cfg, tok_file)
+    save(model, tok_file, cfg.out_dir)
+    if skipped:
+        print(f"{stage}: skipped rows: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())))
+    return model
+
+
+def save_checkpoint(model, opt, step, cfg, tok_file):
+    """<out_dir>/ckpt-<step>/, then the one-line file `latest` points at it (atomically), then
+    older checkpoints go: an interruption at any moment leaves a complete checkpoint to resume."""
+    name = f"ckpt-{step}"
+    save(model, tok_file, os.path.join(cfg.out_dir, name),
+         {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state()})
+    atomic_write(os.path.join(cfg.out_dir, "latest"), name)
+    for old in os.listdir(cfg.out_dir):
+        if old.startswith("ckpt-") and old != name:
+            shutil.rmtree(os.path.join(cfg.out_dir, old))
+
+
+# ------------------------------------------------------------------------ the miniature RLHF-V
+
+def rlhfv(cfg):
+    """The paper's loop on the synthetic world (world.py), each stage cached under out_dir so that a
+    re-run skips what is finished: world + tokenizer -> SFT from scratch (the reference model) ->
+    its answers on new scenes, corrected segment by segment -> DDPO (and the ablation arms) ->
+    evaluation of every model on held-out scenes -> table, results.json, report.png."""
+    import world
+    out, wdir = cfg.out_dir, os.path.join(cfg.out_dir, "world")
+    n_sft, n_collect = cfg.n_train // 2, cfg.n_train - cfg.n_train // 2
+    train_scenes, test_scenes = world.make_world(cfg.seed, cfg.n_train, cfg.n_test)
+    tok_file = os.path.join(wdir, "tokenizer.model")
+    if not os.path.exists(tok_file):
+        build_world(cfg, world, wdir, train_scenes[:n_sft], train_scenes, test_scenes)
+    tok = Tokenizer(tok_file)
+    stage = lambda name, **kw: TrainConfig(**{**asdict(cfg), "resume": True, "out_dir": os.path.join(out, name), **kw})
+    sft_dir = os.path.join(out, "sft")
+    if not finished(sft_dir):
+        train(stage("sft", data=os.path.join(wdir, "sft.jsonl"), tokenizer=tok_file, init="",
+                    steps=cfg.sft_steps, lr=cfg.sft_lr, max_len=512), "sft")
+    pairs = os.path.join(out, "collect", "pairs.jsonl")
+    if not os.path.exists(pairs):
+        collect(cfg, world, tok, sft_dir, train_scenes[n_sft:], n_sft, pairs)
+    arms = {"ddpo" if cfg.gamma != 1 else "dpo": ("ddpo", pairs, cfg.gamma)}
+    if cfg.ablation:
+        arms.update(dpo=("ddpo", pairs, 1.0), sft_corrected=("sft", pairs[:-6] + "_sft.jsonl", cfg.gamma))
+    for name, (kind, data, gamma) in arms.items():
+        if not finished(os.path.join(out, name)):
+            train(stage(name, data=data, init=sft_dir, gamma=gamma, max_len=512,
+                        ref_cache=os.path.join(out, "collect", "ref_logps.safetensors")), kind)
+    results = {name: evaluate(cfg, world, tok, os.path.join(out, name), test_scenes)
+               for name in ["sft", *arms]}
+    report(cfg, world, results, arms)
+
+
+def finished(run_dir):
+    return os.path.exists(os.path.join(run_dir, "config.json"))
+
+
+def build_world(cfg, world, wdir, sft_scenes, train_scenes, test_scenes):
+    """Images of every scene, the SFT data (fresh caption noise for each pass over the scenes) and a
+    SentencePiece tokenizer trained on all the text the models will meet."""
+    import random
+    from data import SYSTEM, train_tokenizer
+    os.makedirs(os.path.join(wdir, "images"), exist_ok=True)
+    for split, scenes in (("train", train_scenes), ("test", test_scenes)):
+        for i, scene in enumerate(scenes):
+            world.render(scene, cfg.image_size).save(os.path.join(wdir, "images", f"{split}{i}.png"))
+    rng = random.Random(cfg.seed)
+    passes = -(-cfg.sft_steps * cfg.batch_size // len(sft_scenes))
+    rows = [ex for _ in range(passes) for ex in world.sft_examples(sft_scenes, rng)]
+    write_jsonl(os.path.join(wdir, "sft.jsonl"),
+                [{"image": f"images/train{i}.png", "question": q, "answer": a} for i, q, a in rows])
+    # whole prompts, so that the system prompt and the template are merged into few tokens
+    text = [f"{SYSTEM}\n\n### Human: \n{q}\n### Assistant: {a}\n###" for _, q, a in rows[:20000]]
+    train_tokenizer(text + world.corpus(train_scenes, rng), os.path.join(wdir, "tokenizer.model"),
+                    sized(cfg.model).llm.vocab_size - 4)
+
+
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def describe_all(model_dir, tok, image_paths, prompts, cfg):
+    """Greedy answers of a checkpoint, one per (image, prompt), in batches of 250."""
+    from data import image_tensor, load_image
+    from sample import generate
+    model = Muffin.from_pretrained(model_dir).to(cfg.device).eval()
+    size, answers = model.config.vision.img_size, []
+    for i in range(0, len(prompts), 250):
+        images = torch.stack([image_tensor(load_image(p), size) for p in image_paths[i:i + 250]])
+        with autocast(cfg.device):
+            answers += generate(model, tok, images.to(cfg.device), prompts[i:i + 250], max_new_tokens=96)
+    return answers
+
+
+def collect(cfg, world, tok, sft_dir, scenes, offset, path):
+    """The SFT model describes new training scenes; the annotator corrects each answer that has a
+    hallucination (chosen = corrected, rejected = original); answers without one are dropped."""
+    prompts = [world.DESCRIBE_PROMPTS[i % len(world.DESCRIBE_PROMPTS)] for i in range(len(scenes))]
+    images = [f"images/train{offset + i}.png" for i in range(len(scenes))]
+    wdir = os.path.join(cfg.out_dir, "world")
+    answers = describe_all(sft_dir, tok, [os.path.join(wdir, p) for p in images], prompts, cfg)
+    pairs = [{"image": f"../world/{images[i]}", "question": prompts[i], "chosen": fixed, "rejected": a}
+             for i, a in enumerate(answers) if (fixed := world.correct(scenes[i], a)) is not None]
+    print(f"collect: {len(pairs)} of {len(scenes)} answers had a hallucination and were corrected")
+    write_jsonl(path, pairs)
+    write_jsonl(path[:-6] + "_sft.jsonl", [{**p, "answer": p["chosen"]} for p in pairs])
+
+
+def evaluate(cfg, world, tok, model_dir, scenes):
+    """Describe every held-out scene once (greedy) and score the answers; cached in eval.json."""
+    path = os.path.join(model_dir, "eval.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)["scores"]
+    prompts = [world.DESCRIBE_PROMPTS[i % len(world.DESCRIBE_PROMPTS)] for i in range(len(scenes))]
+    images = [os.path.join(cfg.out_dir, "world", "images", f"test{i}.png") for i in range(len(scenes))]
+    answers = describe_all(model_dir, tok, images, prompts, cfg)
+    scores = world.score(scenes, answers)
+    atomic_write(path, json.dumps({"scores": scores, "answers": answers}, indent=1))
+    return scores
+
+
+def report(cfg, world, results, arms):
+    """Print the table, write results.json and draw report.png (curves of the first DDPO arm)."""
+    cols = ("response_rate", "mention_rate", "object", "attribute", "count", "relation", "coverage")
+    print(f"\n{'model':<14}" + "".join(f"{c.replace('_rate', ''):>11}" for c in cols) + f"{'resp. vs sft':>14}")
+    for name, r in results.items():
+        change = (r["response_rate"] / results["sft"]["response_rate"] - 1) if results["sft"]["response_rate"] else 0
+        print(f"{name:<14}" + "".join(f"{100 * r[c]:>10.1f}%" for c in cols)
+              + (f"{100 * change:>+13.1f}%" if name != "sft" else ""))
+    atomic_write(os.path.join(cfg.out_dir, "results.json"), json.dumps(results, indent=2))
+    curves = {}
+    for name, key in (("sft", "loss"), (next(iter(arms)), "loss"), (next(iter(arms)), "rewards/margins"),
+                      (next(iter(arms)), "rewards/accuracies")):
+        with open(os.path.join(cfg.out_dir, name, "log.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        curves[f"{name} {key.split('/')[-1]}"] = [(r["step"], r[key]) for r in rows if key in r]
+    world.draw_report(os.path.join(cfg.out_dir, "report.png"), curves, results)
+    print(f"\nwrote {cfg.out_dir}/results.json and {cfg.out_dir}/report.png")
+
+
+def main(argv):
+    cfg = parse_args(TrainConfig, argv)
+    if cfg.stage == "rlhfv":
+        rlhfv(cfg)
+    elif cfg.stage in ("sft", "ddpo"):
+        if not cfg.data or (cfg.stage == "ddpo" and not cfg.init):
+            raise SystemExit(f"--stage={cfg.stage} needs --data" + (" and --init" if cfg.stage == "ddpo" else ""))
+        train(cfg, cfg.stage)
+    else:
+        raise SystemExit(f"--stage must be rlhfv, sft or ddpo, not {cfg.stage!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
