@@ -211,14 +211,15 @@ class Batcher:
         self.tok, self.n_query, self.image_size, self.max_len = tok, n_query, image_size, max_len
         self.gamma, self.min_match, self.ref = gamma, min_match, ref
 
-    def _check(self, item, keys, skipped):
-        reason = item.get("error") and "unreadable row"
-        reason = reason or next((f"empty {k}" for k in keys if not str(item.get(k) or "").strip()), None)
+    def _prompt(self, item, keys, skipped):
+        """The prompt ids of a usable item; None for an item to skip, its reason counted."""
+        reason = ("unreadable row" if "error" in item else
+                  next((f"empty {k}" for k in keys if not str(item.get(k) or "").strip()), None))
         if reason is None and "chosen" in keys and item["chosen"].strip() == item["rejected"].strip():
             reason = "chosen == rejected"
         prompt = None if reason else prompt_ids(self.tok, item["question"], self.n_query)
         if prompt is not None and len(prompt) >= self.max_len:
-            reason = "prompt longer than max_len"
+            reason, prompt = "prompt longer than max_len", None
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1
         return prompt
@@ -246,7 +247,7 @@ class Batcher:
     def sft(self, items):
         rows, images, skipped, ids = [], [], {}, []
         for it in items:
-            prompt = self._check(it, ("question", "answer"), skipped)
+            prompt = self._prompt(it, ("question", "answer"), skipped)
             if prompt is not None:
                 a = answer_ids(self.tok, it["answer"])[:self.max_len - len(prompt)]
                 rows.append((prompt, a, torch.ones(len(a)), None))
@@ -257,7 +258,7 @@ class Batcher:
     def pairs(self, items):
         chosen, rejected, images, skipped, ids = [], [], [], {}, []
         for it in items:
-            prompt = self._check(it, ("question", "chosen", "rejected"), skipped)
+            prompt = self._prompt(it, ("question", "chosen", "rejected"), skipped)
             if prompt is None:
                 continue
             room = self.max_len - len(prompt)

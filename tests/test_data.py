@@ -1,0 +1,138 @@
+"""Tokenizer, template, images, the official data formats and the DDPO batch layout."""
+import base64
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+from data import STOP, Batcher, Records, answer_ids, image_tensor, load_image, prompt_ids
+
+
+def test_special_tokens_follow_the_sentencepiece_vocabulary(tok):
+    """[PAD], <im_patch>, <im_start>, <im_end> get ids n..n+3 (32000-32003 with LLaMA's model),
+    are matched literally in text with the white space around them dropped, and never decode."""
+    n = tok.sp.get_piece_size()
+    assert (tok.pad_id, tok.im_patch_id, tok.im_start_id, tok.im_end_id) == (n, n + 1, n + 2, n + 3)
+    ids = tok.encode("red <im_start><im_patch><im_end>\nsquare", bos=True)
+    assert ids == [tok.bos_id] + tok.encode("red") + [n + 2, n + 1, n + 3] + tok.encode("square")
+    assert tok.decode(ids) == "red square"
+
+
+def test_template_places_the_image_after_human(tok):
+    """RLHF-V's training template: system prompt, "### Human: ", the image slots, the question,
+    "### Assistant:"; the answer is encoded on its own and ends with the stop string."""
+    p = prompt_ids(tok, "What colour is the square?", n_query=8)
+    start = p.index(tok.im_start_id)
+    assert p[start + 1:start + 9] == [tok.im_patch_id] * 8 and p[start + 9] == tok.im_end_id
+    assert tok.decode(p[:start]).endswith("### Human:") and tok.decode(p[:start]).startswith(data.SYSTEM)
+    assert tok.decode(p[start:]) == "What colour is the square?\n### Assistant:"
+    a = answer_ids(tok, " The square is red. ")
+    assert tok.decode(a) == "The square is red.\n" + STOP and tok.sp.id_to_piece(a[-1]) == STOP
+
+
+def test_pair_batch_layout(tok, dataset):
+    """2B rows (chosen, then rejected) sharing B images; padded to a multiple of 8; labels only on
+    the answers; weights aligned with the shifted labels, gamma exactly on the swapped colour."""
+    rows = Records(dataset / "pairs.jsonl")
+    items = [rows[i] for i in range(3)]
+    batch = Batcher(tok, n_query=8, image_size=32, max_len=512, gamma=5.0).pairs(items)
+    ids, labels, w = batch["input_ids"], batch["labels"], batch["weights"]
+    assert ids.shape[0] == 6 and ids.shape[1] % 8 == 0 and batch["images"].shape == (3, 3, 32, 32)
+    assert batch["image_index"].tolist() == [0, 1, 2, 0, 1, 2]
+    assert torch.equal(w > 0, labels[:, 1:] != -100)
+    for r, item in enumerate(items):
+        chosen = [int(t) for t in labels[r] if t != -100]
+        assert tok.decode(chosen) == item["chosen"] + "\n" + STOP
+        heavy = [int(t) for t, x in zip(ids[r, 1:], w[r]) if x == 5.0]
+        heavy_rejected = [int(t) for t, x in zip(ids[3 + r, 1:], w[3 + r]) if x == 5.0]
+        [(was, swapped)] = [(a, b) for a, b in zip(item["chosen"].split(), item["rejected"].split()) if a != b]
+        assert (tok.decode(heavy), tok.decode(heavy_rejected)) == (was, swapped)
+
+
+def test_truncation_and_skips(tok, dataset, tmp_path):
+    """An answer too long is cut from its end, the image slots intact; a prompt too long on its own,
+    a pair whose chosen equals its rejected, an empty field and an unreadable row are skipped and
+    counted by reason."""
+    rows = Records(dataset / "pairs.jsonl")
+    item = rows[0]
+    limit = len(prompt_ids(tok, item["question"], 8)) + 5
+    batch = Batcher(tok, 8, 32, max_len=limit).pairs([item])
+    assert (batch["labels"][0] != -100).sum() == 5
+    assert (batch["input_ids"][0] == tok.im_patch_id).sum() == 8
+    bad = [{**item, "rejected": item["chosen"]}, {**item, "question": " "}, {"error": "x.jsonl:3: gone"}]
+    batch = Batcher(tok, 8, 32, max_len=limit - 5).pairs([item] + bad)
+    assert "input_ids" not in batch
+    assert batch["skipped"] == {"prompt longer than max_len": 1, "chosen == rejected": 1,
+                                "empty question": 1, "unreadable row": 1}
+
+
+def tsv_row(image_bytes, fields, name="RLHF-V-Hall_v0"):
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    meta = b64(json.dumps({"model": "muffin", "type": "detailed description"}).encode())
+    return "\t".join([name, b64(image_bytes), b64(json.dumps(fields).encode()), "vqa", meta, "0", "x.jpg"])
+
+
+def png_bytes(colour=(255, 0, 0), mode="RGB"):
+    buf = io.BytesIO()
+    Image.new(mode, (8, 8), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_tsv_reader_official_layout(tmp_path):
+    """RLHF-V-Hall_v0: 7 tab-separated columns, base64 image and base64 JSON [question, chosen,
+    rejected, logps], the question prefixed by "<image>\\n"; random access through .lineidx."""
+    lines = [tsv_row(png_bytes(), ["<image>\nWhat is it?", "A red square.", "A blue square.", [0.1]]),
+             tsv_row(png_bytes((0, 255, 0)), ["Describe.", "Green.", "Blue."]),
+             "only\tthree\tcolumns"]
+    text = "".join(line + "\n" for line in lines)
+    (tmp_path / "hall-3.tsv").write_text(text)
+    offsets, pos = [], 0
+    for line in lines:
+        offsets.append(pos)
+        pos += len(line) + 1
+    (tmp_path / "hall-3.lineidx").write_text("".join(f"{o}\n" for o in offsets))
+    rows = Records(tmp_path / "hall-3.tsv")
+    assert len(rows) == 3
+    r = rows[0]
+    assert (r["question"], r["chosen"], r["rejected"]) == ("What is it?", "A red square.", "A blue square.")
+    assert r["image"].getpixel((0, 0)) == (255, 0, 0)
+    assert rows[1]["image"].getpixel((0, 0)) == (0, 255, 0) and rows[1]["id"] != r["id"]
+    assert "hall-3.tsv:3" in rows[2]["error"] and "7 tab-separated columns" in rows[2]["error"]
+
+
+def test_jsonl_reader(tmp_path):
+    """Our format: one {"image", "question", "chosen", "rejected"} per line, image paths relative to
+    the file; ids hash the content; a bad line or a missing image names file and line."""
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "a.png")
+    good = {"image": "a.png", "question": "Q?", "chosen": "C.", "rejected": "R."}
+    (tmp_path / "d.jsonl").write_text(json.dumps(good) + "\n\n{not json\n"
+                                      + json.dumps({**good, "image": "missing.png"}) + "\n")
+    rows = Records(tmp_path / "d.jsonl")
+    assert len(rows) == 3 and rows[0]["image"].getpixel((0, 0)) == (0, 0, 255)
+    assert rows[0]["id"] == Records(tmp_path / "d.jsonl")[0]["id"]
+    assert rows[1]["error"].startswith(f"{tmp_path / 'd.jsonl'}:2: JSONDecodeError")
+    assert "missing.png" in rows[2]["error"]
+
+
+def test_parquet_without_pyarrow_says_how_to_convert(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
+    with pytest.raises(SystemExit, match="pip install pyarrow"):
+        Records(tmp_path / "RLHF-V-Dataset.parquet")
+
+
+def test_images_rgb_and_normalised():
+    """Transparent pixels become white (not black), 16-bit grey is scaled (not clipped), and the
+    tensor is resized to a square and normalised to [-1, 1] with mean = std = 0.5."""
+    rgba = load_image(png_bytes((255, 0, 0, 0), "RGBA"))
+    assert rgba.mode == "RGB" and rgba.getpixel((0, 0)) == (255, 255, 255)
+    buf = io.BytesIO()
+    Image.new("I;16", (8, 8), 32768).save(buf, format="PNG")
+    assert load_image(buf.getvalue()).getpixel((0, 0)) == (128, 128, 128)
+    x = image_tensor(Image.new("RGB", (20, 10), (255, 0, 0)), 16)
+    assert x.shape == (3, 16, 16) and x[0].min() == 1.0 and x[1].max() == -1.0
+    with pytest.raises(ValueError, match="image <3 bytes>"):
+        load_image(b"abc")
