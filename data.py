@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import warnings
 
 import sentencepiece as spm
 import torch
@@ -83,20 +84,24 @@ def answer_ids(tok, answer):
 
 def load_image(src):
     """A path or raw bytes -> an RGB PIL image. Raises ValueError naming the source when the file is
-    missing, unreadable, truncated, or a decompression bomb."""
-    name = src if isinstance(src, str) else f"<{len(src)} bytes>"
+    missing, unreadable or truncated, or has more pixels than Image.MAX_IMAGE_PIXELS (a decompression
+    bomb, refused from its header before anything is decoded; None lifts the limit)."""
+    is_path = isinstance(src, (str, os.PathLike))
+    name = os.fspath(src) if is_path else f"<{len(src)} bytes>"
     try:
-        img = Image.open(src if isinstance(src, str) else io.BytesIO(src))
-        img.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"image {name}: {e}") from None
-    if img.mode.startswith("I"):  # 16-bit grey: scale to 8 bits (a plain convert would clip)
-        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        img = Image.new("RGB", rgba.size, (255, 255, 255))
-        img.paste(rgba, mask=rgba.getchannel("A"))  # transparent areas become white, not black
-    return img.convert("RGB")
+        with warnings.catch_warnings():  # PIL only warns between 1x and 2x the limit: refuse (here only)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(src if is_path else io.BytesIO(src))
+            img.load()
+        if img.mode.startswith("I"):  # 16-bit grey: scale to 8 bits (a plain convert would clip)
+            img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # also P, L, RGB with tRNS
+            rgba = img.convert("RGBA")
+            img = Image.new("RGB", rgba.size, (255, 255, 255))
+            img.paste(rgba, mask=rgba.getchannel("A"))  # transparent areas become white, not black
+        return img.convert("RGB")
+    except Exception as e:  # decoders raise many kinds of error on malformed bytes
+        raise ValueError(f"image {name}: {type(e).__name__}: {e}") from None
 
 
 def image_tensor(img, size):
@@ -145,15 +150,18 @@ class Records:
         where = f"{self.path}:{i + 1}"
         try:
             row = getattr(self, "_" + self.kind)(i)
+            for k in ("question", "chosen", "rejected", "answer"):
+                if not isinstance(row.get(k, ""), str):
+                    raise TypeError(f"{k} is {type(row[k]).__name__}, not text")
             row["image"] = load_image(row["image"])
-        except (ValueError, KeyError, IndexError, TypeError, json.JSONDecodeError) as e:
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, json.JSONDecodeError) as e:
             return {"error": f"{where}: {type(e).__name__}: {e}"}
         return row
 
     def _line(self, i):
         with open(self.path, "rb") as f:
             f.seek(self.offsets[i])
-            return f.readline().decode("utf-8")
+            return f.readline().decode("utf-8-sig")  # -sig: a byte-order mark on line 1 is dropped
 
     def _jsonl(self, i):
         r = json.loads(self._line(i))

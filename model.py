@@ -81,7 +81,7 @@ CONFIGS = {
     "tiny": MuffinConfig(LLaMAConfig(512, 64, 128, 2, 4, 2, max_position_embeddings=512),
                          BEiT3Config(32, 8, 32, 2, 2, 64), n_query=8, im_patch_id=509),
     # the miniature RLHF-V of train.py: 48 px scenes, trained from scratch on a CPU in minutes
-    "mini": MuffinConfig(LLaMAConfig(512, 128, 384, 4, 4, 2, max_position_embeddings=512),
+    "mini": MuffinConfig(LLaMAConfig(512, 128, 256, 4, 4, 2, max_position_embeddings=512),
                          BEiT3Config(48, 8, 96, 3, 3, 256), n_query=16, im_patch_id=509),
     # speed benchmarks: TinyLlama-1.1B's decoder, with a BEiT-3 base tower at 224 px
     "llama-1.1b": MuffinConfig(_TINYLLAMA, _BEIT3_BASE),
@@ -358,21 +358,29 @@ def atomic_write(path, content):
     """Write content (bytes, str, or a function that writes the file at the path it is given) to a
     temporary file, fsync it, then rename it over path: a crash leaves the old file or the new."""
     tmp = f"{path}.tmp{os.getpid()}"
-    if callable(content):
-        content(tmp)
-    else:
-        with open(tmp, "wb") as f:
-            f.write(content.encode() if isinstance(content, str) else content)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        if callable(content):
+            content(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(content.encode() if isinstance(content, str) else content)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # an error or Ctrl-C half-way: no partial file left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def train_flops(model, n_tokens, n_images=0):
     """Forward + backward FLOPs of a step: 6 per weight per token (the quadratic attention term left
     out), the decoder over n_tokens, the vision tower once per image over its own tokens."""
-    vision = sum(p.numel() for p in model.model.vision_tower.parameters())
+    tower = getattr(model.model, "vision_tower", None)  # None: a plain LLaMA
+    vision = sum(p.numel() for p in tower.parameters()) if tower else 0
     decoder = model.num_params(embeddings=False) - vision
+    if not vision:
+        return 6 * decoder * n_tokens
     v = model.config.vision
     return 6 * decoder * n_tokens + 6 * vision * n_images * (v.n_patches + 1 + model.config.n_query)
 

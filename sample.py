@@ -79,7 +79,7 @@ def generate(model, tok, images, questions, max_new_tokens=128, temperature=0.0,
         t = torch.arange(P, device=device)
         # causal over the prompt, pad slots hidden; a pad query sees itself so no row is all -inf
         mask = (slots[None, :] <= t[:, None]) & ((slots[None, :] >= pad[:, None, None]) | (slots == t[:, None]))
-        logits = model(ids, images=images, input_pos=t, mask=mask[:, None]).float()[:, -1]
+        logits = model(ids, images=images, input_pos=t, mask=mask[:, None])[:, -1].float()
         token = next_token(logits, seen, *settings)
         step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True) if compile else decode_step
         out, done, pos = [token], stop[token], torch.tensor([P], device=device)
@@ -120,11 +120,22 @@ def parse_args(cls, argv):
     return cfg
 
 
+def check_tokenizer(tok, model, tok_file):
+    """Every id the tokenizer makes must fit the model's embedding: a mismatch is refused here, not
+    left to an index error (or a CUDA device-side assert) in the first forward."""
+    c = model.config
+    if (c.llm.vocab_size, c.im_patch_id) != (tok.vocab_size, tok.im_patch_id):
+        raise SystemExit(f"{tok_file} does not match the model: {tok.vocab_size} tokens and <im_patch> "
+                         f"{tok.im_patch_id}, the model has {c.llm.vocab_size} and {c.im_patch_id}")
+
+
 def main(argv):
     cfg = parse_args(SampleConfig, argv)
     torch.manual_seed(cfg.seed)
     model = Muffin.from_pretrained(cfg.ckpt).to(cfg.device).eval()
-    tok = Tokenizer(cfg.tokenizer or f"{cfg.ckpt}/tokenizer.model")
+    tok_file = cfg.tokenizer or f"{cfg.ckpt}/tokenizer.model"
+    tok = Tokenizer(tok_file)
+    check_tokenizer(tok, model, tok_file)
     image = image_tensor(load_image(cfg.image), model.config.vision.img_size)[None].to(cfg.device)
     print(generate(model, tok, image, [cfg.prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                    cfg.repetition_penalty, compile=cfg.compile)[0])

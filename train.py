@@ -15,6 +15,7 @@ per-token log-probs are computed once, before the first update, with the very ba
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -25,7 +26,7 @@ import torch
 import ddpo
 from data import Batcher, Records, Tokenizer
 from model import Muffin, atomic_write, sized, train_flops
-from sample import parse_args
+from sample import check_tokenizer, parse_args
 
 
 @dataclass
@@ -183,7 +184,11 @@ def load_model(cfg, tok):
     if cfg.resume and os.path.exists(latest):
         with open(latest) as f:
             ckpt = os.path.join(cfg.out_dir, f.read().strip())
-        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
+        path = os.path.join(ckpt, "state.pt")
+        try:  # weights_only: tensors and plain containers, never a pickle that runs code
+            state = torch.load(path, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            raise ValueError(f"{path}: refused or unreadable (torch.load weights_only=True): {e}") from None
         return Muffin.from_pretrained(ckpt), state
     if cfg.init:
         return Muffin.from_pretrained(cfg.init), None
@@ -207,10 +212,8 @@ def train(cfg, stage):
     tok_file = cfg.tokenizer or os.path.join(cfg.init, "tokenizer.model")
     tok = Tokenizer(tok_file)
     model, state = load_model(cfg, tok)
+    check_tokenizer(tok, model, tok_file)  # so no id the data makes can fall outside the embedding
     c = model.config
-    if (c.llm.vocab_size, c.im_patch_id) != (tok.vocab_size, tok.im_patch_id):
-        raise SystemExit(f"{tok_file} does not match the model: {tok.vocab_size} tokens and <im_patch> "
-                         f"{tok.im_patch_id}, the model has {c.llm.vocab_size} and {c.im_patch_id}")
     model.to(cfg.device)
     records = Records(cfg.data)
     batcher = Batcher(tok, c.n_query, c.vision.img_size, cfg.max_len, cfg.gamma, cfg.min_match)
@@ -260,7 +263,9 @@ def train(cfg, stage):
         opt.zero_grad(set_to_none=True)
         step += 1
         window["grad_norm"] = window.get("grad_norm", 0) + norm
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if (step % cfg.log_every == 0 or step == cfg.steps) and "loss" not in window:
+            window, t0, flops = {}, time.time(), 0.0  # every row since the last line was skipped (counted)
+        elif step % cfg.log_every == 0 or step == cfg.steps:
             n, dt = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every, time.time() - t0
             rec = {k: v.item() / (n * (1 if k in ("tokens", "rows", "grad_norm") else cfg.grad_accum))
                    for k, v in window.items()}

@@ -1,0 +1,47 @@
+"""bench.py: the tiny shape runs every benchmark once with finite positive numbers, its batch has the
+layout train.forward_loss expects, and GB/s counts exactly the bytes a decode step reads. No timing
+is asserted, and transformers is not needed (--compare is a development tool; see bench.py).
+    python -m pytest tests/test_bench.py
+"""
+import math
+
+import pytest
+import torch
+
+import bench
+from ddpo import IGNORE_INDEX
+from model import CONFIGS, LLaMA
+
+
+def test_tiny_runs_every_benchmark_once():
+    cfg = bench.BenchConfig(shape="tiny", rows=4, seq=48, prompt=12, new_tokens=16, warmup=1, iters=3,
+                            grad_ckpt=True, device="cpu")
+    table = bench.run_shape(cfg, set())
+    assert [label for label, _ in table] == ["ours tiny", "ours tiny +grad_ckpt"]
+    (_, full), (_, ckpt) = table
+    for k in ("step tok/s", "pairs/s", "ref tok/s", "dec@1 tok/s", "dec@1 GB/s", "dec@8 tok/s", "dec@8 GB/s"):
+        assert math.isfinite(full[k]) and full[k] > 0, k
+    assert full["step tok/s"] / full["pairs/s"] == pytest.approx(2 * 48)  # a pair is a chosen and a rejected row
+    assert full["MFU"] is None and full["step GiB"] is None  # no peak FLOP/s nor allocator on a CPU
+    assert ckpt["step tok/s"] > 0 and "ref tok/s" not in ckpt  # checkpointing changes the step only
+    text = bench.format_table(table)
+    assert "ours tiny +grad_ckpt" in text and "n/a" in text and len(text.splitlines()) == 3
+
+
+def test_ddpo_batch_layout():
+    c = CONFIGS["tiny"]
+    b = bench.ddpo_batch(c, True, 6, 48, "cpu")
+    assert b["images"].shape[0] == 3 and b["image_index"].tolist() == [0, 1, 2, 0, 1, 2]
+    assert ((b["input_ids"] == c.im_patch_id).sum(1) == c.n_query).all()
+    labelled = b["labels"][:, 1:] != IGNORE_INDEX  # the targets of logp [T-1]
+    assert labelled.any(1).all() and not labelled[:, :11].any()  # the prompt (12 tokens) has no labels
+    assert torch.equal(b["weights"] != 0, labelled) and torch.equal(b["ref_logps"] != 0, labelled)
+
+
+def test_decode_bytes_are_the_weights_but_the_embedding_and_the_whole_cache():
+    c = CONFIGS["tiny"].llm
+    model = LLaMA(c)
+    model.setup_cache(3, 20)
+    cache = sum(t.numel() for layer in model.model.layers for t in (layer.self_attn.kv_cache.k,
+                                                                     layer.self_attn.kv_cache.v))
+    assert bench.decode_bytes(c, 3, 20, 4) == 4 * (model.num_params(embeddings=False) + cache)

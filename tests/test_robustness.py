@@ -1,0 +1,387 @@
+"""Bad inputs, one test each: every one ends in an error that names the file, row or key, or in a
+skip that is counted and reported at the end of the run; none in a crash elsewhere, a silent wrong
+number, or a lost checkpoint. The catalogue is in README.md ("Robustness"); cases already pinned
+elsewhere are listed there with their tests (test_data.py, test_model.py, test_vision.py,
+test_train.py) and not repeated here."""
+import base64
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import warnings
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+from data import Batcher, Records, load_image, prompt_ids
+from model import Muffin, atomic_write, sized
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def encoded(img, fmt="PNG", **kw):
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def pairs_file(path, dataset, rows):
+    """A JSONL of pairs whose image paths point into the shared `dataset` fixture."""
+    path.write_text("".join(json.dumps({"image": str(dataset / "images" / f"{i % 16}.png"), **r}) + "\n"
+                            for i, r in enumerate(rows)))
+    return path
+
+
+def good_rows(dataset, n):
+    with open(dataset / "pairs.jsonl") as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "image"} for line in f][:n]
+
+
+def config(tmp_path, dataset, init_ckpt, **kw):
+    base = dict(stage="ddpo", data=str(dataset / "pairs.jsonl"), init=str(init_ckpt),
+                out_dir=str(tmp_path / "run"), steps=4, batch_size=4, lr=1e-3, warmup=0.0,
+                log_every=1, save_every=100, device="cpu")
+    return train.TrainConfig(**{**base, **kw})
+
+
+# ------------------------------------------------------------------------------------- images
+
+def test_corrupt_and_truncated_images_name_the_file(tmp_path):
+    """Garbage, a PNG and a JPEG cut in half, a directory: a ValueError naming the file (from
+    bytes: their length), never a half-decoded picture (PIL's LOAD_TRUNCATED_IMAGES stays off)."""
+    noise = Image.effect_noise((64, 64), 50).convert("RGB")
+    for name, blob in (("garbage.png", b"\x89PNG not really"), ("cut.png", encoded(noise)[:2000]),
+                       ("cut.jpg", encoded(noise, "JPEG")[:1000])):
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(ValueError, match=f"image {tmp_path / name}: "):
+            load_image(str(tmp_path / name))
+        with pytest.raises(ValueError, match=f"image <{len(blob)} bytes>"):
+            load_image(blob)
+    with pytest.raises(ValueError, match=f"image {tmp_path}: IsADirectoryError"):
+        load_image(str(tmp_path))
+
+
+def png_claiming(width, height):
+    """A 1x1 PNG whose header claims width x height: a decompression bomb that costs nothing to make."""
+    data = bytearray(encoded(Image.new("L", (1, 1))))
+    ihdr = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[12:29], data[29:33] = ihdr, struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(data)
+
+
+def test_decompression_bombs_are_errors_not_warnings(tmp_path, monkeypatch):
+    """An image over Image.MAX_IMAGE_PIXELS is refused from its header, before any pixel is decoded,
+    with an error naming the file: beyond 2x the limit PIL raises by itself; between 1x and 2x it
+    only warns and would decode, so load_image turns that warning into the error, locally: the
+    global warning filters are untouched. Setting the limit to None lifts it, as in PIL."""
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_claiming(100_000, 100_000))  # 10^10 pixels: 30 GB as RGB
+    with pytest.raises(ValueError, match=f"image {bomb}: DecompressionBombError"):
+        load_image(str(bomb))
+
+    img = encoded(Image.new("RGB", (40, 40), (1, 2, 3)))  # 1600 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1x-2x: PIL's warning zone
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        filters = list(warnings.filters)
+        with pytest.raises(ValueError, match="image <.* bytes>: DecompressionBombWarning"):
+            load_image(img)
+        assert warnings.filters == filters
+    assert seen == []  # nothing escaped as a warning
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert load_image(img).getpixel((0, 0)) == (1, 2, 3)
+
+
+def palette_image(transparent):
+    img = Image.new("P", (2, 1))
+    img.putpalette([0, 0, 0, 0, 128, 255] + [0] * 762)  # index 0 black, 1 a blue
+    img.putpixel((1, 0), 1)
+    return encoded(img, transparency=0) if transparent else encoded(img)
+
+
+@pytest.mark.parametrize("blob, expected", [
+    (encoded(Image.new("L", (2, 1), 100)), [(100, 100, 100)] * 2),
+    (encoded(Image.new("1", (2, 1), 1)), [(255, 255, 255)] * 2),
+    (encoded(Image.new("LA", (2, 1), (100, 0))), [(255, 255, 255)] * 2),
+    (palette_image(transparent=False), [(0, 0, 0), (0, 128, 255)]),
+    (palette_image(transparent=True), [(255, 255, 255), (0, 128, 255)]),
+    (encoded(Image.new("L", (2, 1), 7), transparency=7), [(255, 255, 255)] * 2),
+    (encoded(Image.new("RGB", (2, 1), (1, 2, 3)), transparency=(1, 2, 3)), [(255, 255, 255)] * 2),
+    (encoded(Image.new("RGBA", (2, 1), (255, 0, 0, 128))), [(255, 127, 127)] * 2),
+    (encoded(Image.new("CMYK", (2, 1), (0, 255, 255, 0)), "TIFF"), [(255, 0, 0)] * 2),
+    (encoded(Image.new("I;16", (2, 1), 65535)), [(255, 255, 255)] * 2),
+    (encoded(Image.new("I;16", (2, 1), 0)), [(0, 0, 0)] * 2),
+], ids=["L", "1", "LA-transparent", "P", "P-transparency", "L-tRNS", "RGB-tRNS", "RGBA-half",
+        "CMYK", "I16-max", "I16-zero"])
+def test_every_mode_becomes_the_rgb_it_shows(blob, expected):
+    """Grey is repeated, a palette looked up, CMYK converted; transparent pixels (alpha, or a
+    palette/grey/colour key in tRNS) become white as they show on a page, half alpha blends with
+    white; 16-bit grey is scaled to 8 bits, not clipped (32768 -> 128 is in test_data.py)."""
+    img = load_image(blob)
+    assert img.mode == "RGB" and [img.getpixel((x, 0)) for x in range(2)] == expected
+
+
+# ------------------------------------------------------------------------------------ records
+
+def test_bad_rows_name_file_row_and_key(tmp_path):
+    """A TSV row with bad base64 (image or text column), a JSONL row without its image key, with a
+    number or null for a text field, and a byte-order mark before line 1 (read, not refused).
+    Wrong TSV column counts, broken JSON lines and missing images are in test_data.py."""
+    Image.new("RGB", (4, 4), (9, 9, 9)).save(tmp_path / "a.png")
+    good = {"image": "a.png", "question": "Q?", "chosen": "C.", "rejected": "R."}
+    lines = [good, {k: v for k, v in good.items() if k != "image"}, {**good, "chosen": 5},
+             {**good, "rejected": None}]
+    (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in lines).encode())
+    rows = Records(tmp_path / "d.jsonl")
+    assert rows[0]["image"].getpixel((0, 0)) == (9, 9, 9) and rows[0]["chosen"] == "C."
+    where = f"{tmp_path / 'd.jsonl'}"
+    assert rows[1]["error"] == f"{where}:2: KeyError: 'image'"
+    assert rows[2]["error"] == f"{where}:3: TypeError: chosen is int, not text"
+    assert rows[3]["error"] == f"{where}:4: TypeError: rejected is NoneType, not text"
+
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    text = b64(json.dumps(["Q?", "C.", "R."]).encode())
+    image = b64(encoded(Image.new("RGB", (4, 4))))
+    tsv = [["x", "not*base64", text], ["x", image, "not*base64"], ["x", image, b64(b"[1, 2, 3]")]]
+    (tmp_path / "h.tsv").write_text("".join("\t".join(c + ["vqa", "", "0", "x.jpg"]) + "\n" for c in tsv))
+    rows = Records(tmp_path / "h.tsv")
+    assert [rows[i]["error"].split(": ")[:2] for i in range(3)] == [
+        [f"{tmp_path / 'h.tsv'}:1", "Error"], [f"{tmp_path / 'h.tsv'}:2", "Error"],
+        [f"{tmp_path / 'h.tsv'}:3", "AttributeError"]]  # binascii.Error; a number for the question
+
+
+def test_empty_answers_are_skipped_and_counted(tok, dataset):
+    """Empty or blank chosen / rejected / answer: skipped and counted by reason (empty question,
+    chosen == rejected, prompt > max_len and unreadable rows are in test_data.py)."""
+    item = Records(dataset / "pairs.jsonl")[0]
+    b = Batcher(tok, 8, 32, max_len=512)
+    batch = b.pairs([item, {**item, "chosen": ""}, {**item, "rejected": " \n"},
+                     {k: v for k, v in item.items() if k != "rejected"}])
+    assert len(batch["ids"]) == 1 and batch["skipped"] == {"empty chosen": 1, "empty rejected": 2}
+    sft = {**item, "answer": item["chosen"]}
+    assert b.sft([sft, {**sft, "answer": "  "}])["skipped"] == {"empty answer": 1}
+
+
+def test_a_run_counts_skipped_rows_and_survives_a_batch_with_none_left(tmp_path, dataset, init_ckpt, capsys):
+    """With batch_size 1 a skipped row leaves a micro-batch (and a log window) empty: the step
+    changes nothing, no log line is written for it, and the skips are reported when the run ends."""
+    rows = good_rows(dataset, 2)
+    data = pairs_file(tmp_path / "d.jsonl", dataset, rows + [{**rows[0], "rejected": rows[0]["chosen"]}])
+    with open(data, "a") as f:
+        f.write(json.dumps({**rows[1], "image": "missing.png"}) + "\n")
+    train.train(config(tmp_path, dataset, init_ckpt, data=str(data), batch_size=1), "ddpo")
+    assert "ddpo: skipped rows: 1 chosen == rejected, 1 unreadable row" in capsys.readouterr().out
+    with open(tmp_path / "run" / "log.jsonl") as f:
+        assert len(f.readlines()) == 2  # 4 steps of 1 row; 2 rows usable
+
+
+def test_unusable_data_files_are_errors(tmp_path):
+    """An empty file (or one with fewer rows than a batch) and an unknown extension: errors naming
+    the file. (A parquet file without pyarrow installed: test_data.py.)"""
+    (tmp_path / "empty.jsonl").write_text("\n")
+    cfg = train.TrainConfig(batch_size=2)
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'empty.jsonl'}: 0 rows, fewer than one batch"):
+        next(train.batches(Records(tmp_path / "empty.jsonl"), list, cfg, 0))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'pairs.csv'}: unknown data format"):
+        Records(tmp_path / "pairs.csv")
+
+
+def test_records_keep_offsets_not_rows(tmp_path):
+    """Records holds one byte offset per row and reads the row from disk when asked: an edit made
+    after indexing is seen, and nothing of the rows' text sits in the object."""
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    rows = [{"image": "a.png", "question": f"Q{i}?", "chosen": "C.", "rejected": "R."} for i in range(3)]
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps(r) + "\n" for r in rows]
+    path.write_text("".join(lines))
+    records = Records(path)
+    offsets = [sum(map(len, lines[:i])) for i in range(3)]
+    assert vars(records) == {"path": str(path), "kind": "jsonl", "offsets": offsets}
+    path.write_text(path.read_text().replace("Q1?", "X1?"))  # same length: offsets stay valid
+    assert records[1]["question"] == "X1?"
+
+
+# ------------------------------------------------------------------------ tokens, options, files
+
+def test_tokens_outside_the_vocabulary_are_refused_before_the_model(tmp_path, tok, dataset, init_ckpt):
+    """A tokenizer that does not match the checkpoint (here the model has 8 more rows of
+    embedding) is refused by train and sample naming the tokenizer file, so no id can reach an
+    embedding it does not fit. The model itself does not check (a check there costs a host sync per
+    forward and breaks the graph-captured decode step); on the CPU torch raises IndexError."""
+    torch.manual_seed(0)
+    other = Muffin(sized("tiny", tok.vocab_size + 8, tok.im_patch_id))
+    other.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "tokenizer.model").write_bytes(tok.sp.serialized_model_proto())
+    msg = f"{tmp_path / 'ckpt' / 'tokenizer.model'} does not match the model: {tok.vocab_size} tokens"
+    with pytest.raises(SystemExit, match=msg):
+        train.train(config(tmp_path, dataset, tmp_path / "ckpt"), "ddpo")
+    with pytest.raises(SystemExit, match=msg):
+        sample.main([f"--ckpt={tmp_path / 'ckpt'}", f"--image={dataset / 'images' / '0.png'}", "--device=cpu"])
+    with pytest.raises(IndexError):
+        Muffin.from_pretrained(init_ckpt)(torch.tensor([[tok.vocab_size]]))
+
+
+@pytest.mark.parametrize("cls", [sample.SampleConfig, train.TrainConfig])
+@pytest.mark.parametrize("arg, message", [
+    ("--temprature=0.7", "unknown option '--temprature=0.7'; valid: "),
+    ("seed=3", "unknown option 'seed=3'; valid: "),
+    ("--seed=three", "--seed expects int, got 'three'"),
+    ("--seed=1.5", "--seed expects int, got '1.5'"),
+    ("--compile=maybe", "--compile expects true or false, got 'maybe'"),
+])
+def test_bad_options_exit_with_the_valid_ones(cls, arg, message):
+    with pytest.raises(SystemExit) as e:
+        sample.parse_args(cls, [arg])
+    assert str(e.value).startswith(message)
+    if "valid" in message:
+        assert "--seed" in str(e.value) and ("--steps" in str(e.value)) == (cls is train.TrainConfig)
+
+
+def test_a_reference_cache_from_another_max_len_is_refused(tmp_path, tok, dataset, init_ckpt):
+    """Cached reference log-probs whose token counts differ from the data's now (computed with
+    another max_len or tokenizer) are refused naming the cache and the sample; an edited sample
+    is in test_train.py."""
+    data = pairs_file(tmp_path / "d.jsonl", dataset, good_rows(dataset, 2))
+    cfg = config(tmp_path, dataset, init_ckpt, data=str(data), batch_size=2)
+    model = Muffin.from_pretrained(init_ckpt).eval()
+    records = Records(data)
+    ref = train.reference_logps(model, records, Batcher(tok, 8, 32, max_len=512), cfg)
+    short = Batcher(tok, 8, 32, max_len=len(prompt_ids(tok, records[0]["question"], 8)) + 3, ref=ref)
+    with pytest.raises(ValueError, match=rf"ref_logps.safetensors: sample {records[0]['id']} has \d+/\d+ "
+                                         r"cached tokens but 3/3 now \(another tokenizer or max_len\?\)"):
+        short.pairs([records[0]])
+
+
+# ---------------------------------------------------------------------------------- training
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_step_is_not_applied_and_the_checkpoint_survives(tmp_path, dataset, init_ckpt,
+                                                                      monkeypatch, bad):
+    """Step 2's loss becomes NaN (or inf): the run stops with FloatingPointError naming step 2, the
+    weights in memory are those of step 1 (the update was not applied), and the step-1 checkpoint
+    on disk is the one `latest` points at, bit for bit."""
+    calls, saved = [], {}
+    forward_loss, save_checkpoint = train.forward_loss, train.save_checkpoint
+
+    def poisoned(model, batch, cfg, stage):
+        loss, metrics = forward_loss(model, batch, cfg, stage)
+        calls.append(1)
+        return (loss * bad if len(calls) == 2 else loss), metrics
+
+    def snapshot(model, opt, step, cfg, tok_file):
+        saved.update(model=model, weights={k: v.clone() for k, v in model.state_dict().items()})
+        save_checkpoint(model, opt, step, cfg, tok_file)
+
+    monkeypatch.setattr(train, "forward_loss", poisoned)
+    monkeypatch.setattr(train, "save_checkpoint", snapshot)
+    data = pairs_file(tmp_path / "d.jsonl", dataset, good_rows(dataset, 1))
+    with pytest.raises(FloatingPointError, match="step 2: non-finite loss or gradient"):
+        train.train(config(tmp_path, dataset, init_ckpt, data=str(data), batch_size=1, steps=2,
+                           save_every=1), "ddpo")
+    run = tmp_path / "run"
+    assert (run / "latest").read_text() == "ckpt-1"
+    on_disk = Muffin.from_pretrained(run / "ckpt-1").state_dict()
+    for name, t in saved["weights"].items():
+        assert torch.equal(on_disk[name], t) and torch.equal(saved["model"].state_dict()[name], t), name
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, tok, monkeypatch):
+    """A crash half-way through writing a file (here: state.pt of the step-2 checkpoint) leaves no
+    partial file: the old file, `latest` and the step-1 checkpoint are intact and resumable."""
+    torch.manual_seed(0)
+    m = Muffin(sized("tiny", tok.vocab_size, tok.im_patch_id)).init_weights()
+    opt = torch.optim.AdamW(m.parameters())
+    tok_file = tmp_path / "tok.model"
+    tok_file.write_bytes(tok.sp.serialized_model_proto())
+    cfg = train.TrainConfig(out_dir=str(tmp_path / "run"), resume=True)
+    train.save_checkpoint(m, opt, 1, cfg, tok_file)
+    weights = tmp_path / "run" / "ckpt-1" / "model.safetensors"
+    before = weights.read_bytes()
+
+    def half_then_crash(p):
+        with open(p, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):  # the same file, rewritten
+        atomic_write(str(weights), half_then_crash)
+    assert weights.read_bytes() == before and sorted(os.listdir(weights.parent)) == [
+        "config.json", "model.safetensors", "state.pt", "tokenizer.model"]
+
+    real = train.atomic_write
+    monkeypatch.setattr(train, "atomic_write", lambda path, content: real(
+        path, half_then_crash if path.endswith("state.pt") else content))
+    with torch.no_grad():
+        m.lm_head.weight.add_(1.0)
+    with pytest.raises(OSError, match="No space left"):  # a new checkpoint, cut short
+        train.save_checkpoint(m, opt, 2, cfg, tok_file)
+    assert (tmp_path / "run" / "latest").read_text() == "ckpt-1"
+    assert not (tmp_path / "run" / "ckpt-2" / "state.pt").exists()
+    _, state = train.load_model(cfg, tok)
+    assert state["step"] == 1 and weights.read_bytes() == before
+
+
+class RunsCode:
+    """Unpickling this calls os.makedirs(path): a stand-in for any code a hostile file runs."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.makedirs, (self.path,)
+
+
+def test_a_state_pt_that_would_run_code_is_refused(tmp_path, tok, init_ckpt):
+    """Resuming reads state.pt with torch.load(weights_only=True): a pickle that would call a
+    function is refused with an error naming the file, and the function never runs. (Weights are
+    safetensors; .bin weights are refused the same way: test_vision.py.)"""
+    ckpt = tmp_path / "run" / "ckpt-1"
+    Muffin.from_pretrained(init_ckpt).save_pretrained(ckpt)
+    marker = tmp_path / "ran"
+    torch.save({"step": 1, "optimizer": RunsCode(str(marker))}, ckpt / "state.pt")
+    (tmp_path / "run" / "latest").write_text("ckpt-1")
+    cfg = train.TrainConfig(out_dir=str(tmp_path / "run"), resume=True)
+    with pytest.raises(ValueError, match=f"{ckpt / 'state.pt'}: refused or unreadable"):
+        train.load_model(cfg, tok)
+    assert not marker.exists()
+
+
+def test_sigkill_then_resume_logs_the_losses_of_an_uninterrupted_run(tmp_path, dataset, init_ckpt):
+    """`python train.py` is killed with SIGKILL (no handler, no flush) once a checkpoint exists, and
+    resumed with --resume (in this process, to save a second start-up of torch): the losses logged
+    after the checkpoint are those of a run never stopped; log.jsonl keeps the lines of both."""
+    data = pairs_file(tmp_path / "d.jsonl", dataset, good_rows(dataset, 2))
+    full = tmp_path / "full"
+    train.train(config(full, dataset, init_ckpt, data=str(data), batch_size=1, steps=6, save_every=2), "ddpo")
+    with open(full / "run" / "log.jsonl") as f:
+        expected = {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+    out = tmp_path / "cut"
+    args = [sys.executable, "train.py", "--stage=ddpo", f"--data={data}", f"--init={init_ckpt}",
+            f"--out_dir={out}", "--steps=6", "--batch_size=1", "--lr=1e-3", "--warmup=0",
+            "--log_every=1", "--save_every=2", "--device=cpu"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "latest").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()
+    proc.stderr.close()
+    resumed_from = int((out / "latest").read_text().removeprefix("ckpt-"))
+    assert resumed_from < 6 and not (out / "model.safetensors").exists()  # killed mid-run
+
+    train.main(args[2:] + ["--resume"])
+    with open(out / "log.jsonl") as f:
+        logged = [json.loads(line) for line in f]
+    after = logged[-(6 - resumed_from):]
+    assert [r["step"] for r in logged[:resumed_from]] == list(range(1, resumed_from + 1))  # appended
+    assert [r["step"] for r in after] == list(range(resumed_from + 1, 7))
+    assert [r["loss"] for r in after] == [expected[r["step"]] for r in after]
