@@ -98,3 +98,20 @@ def test_sft_stage_from_scratch(tmp_path, dataset, tok):
     seen = losses(tmp_path / "sft")
     assert seen[-1] < seen[0] - 0.5
     assert Muffin.from_pretrained(tmp_path / "sft").config.llm.vocab_size == tok.vocab_size
+
+
+def test_identical_chosen_and_rejected_give_zero_gradient(dataset, init_ckpt, tok):
+    """When chosen == rejected, pi_w - pi_l = ref_w - ref_l = 0 whatever the weights: the loss is
+    ln 2 and its gradient is zero (which is why the batcher skips such pairs)."""
+    model = Muffin.from_pretrained(init_ckpt)
+    item = Records(dataset / "pairs.jsonl")[0]
+    batcher = Batcher(tok, model.config.n_query, model.config.vision.img_size, 2048, gamma=5.0)
+    batch = batcher.pairs([{**item, "rejected": item["rejected"] + " x"}])  # then made identical:
+    batch["input_ids"][1], batch["labels"][1] = batch["input_ids"][0], batch["labels"][0]
+    batch["weights"][1] = batch["weights"][0]
+    batch["ref_logps"] = torch.zeros_like(batch["weights"])
+    cfg = train.TrainConfig(device="cpu")
+    loss, _ = train.forward_loss(model, batch, cfg, "ddpo")
+    loss.backward()
+    assert loss.item() == pytest.approx(0.693147, abs=1e-6)
+    assert max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None) < 1e-6
