@@ -5,6 +5,7 @@
     python train.py --stage=ddpo --data=pairs.jsonl --init=sft_ckpt --out_dir=out/run
     python train.py --stage=sft --data=sft.jsonl --model=mini --tokenizer=tok.model
     python train.py --stage=ddpo ... --resume        # continue an interrupted run exactly
+    torchrun --nproc_per_node=8 train.py --stage=ddpo ... [--fsdp=True]   # data parallel (DDP/FSDP2)
 
 A DDPO step (paper Sec. 3.2): chosen and rejected rows share their image, which is encoded once;
 one forward gives the policy's token log-probs, Eq. 5 weighs them into sequence scores, Eq. 4 turns
@@ -12,6 +13,7 @@ the scores and the cached reference scores into the loss. The reference is the i
 per-token log-probs are computed once, before the first update, with the very batches of training
 (same tokens, template and image transform), and cached on disk by sample id.
 """
+import contextlib
 import json
 import math
 import os
@@ -19,9 +21,11 @@ import pickle
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 import ddpo
 from data import Batcher, Records, Tokenizer
@@ -58,6 +62,7 @@ class TrainConfig:
     freeze_vision: bool = False  # requires_grad=False on the BEiT-3 tower
     grad_ckpt: bool = False  # recompute decoder blocks in backward (less memory, ~30% slower)
     compile: bool = False
+    fsdp: bool = False       # under torchrun: FSDP2 (sharded weights, grads, AdamW state; DCP checkpoints)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     workers: int = 0         # DataLoader processes
     log_every: int = 10
@@ -90,16 +95,19 @@ def lr_at(step, cfg, lr):
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
 
 
-def batches(records, collate, cfg, start):
+def batches(records, collate, cfg, start, rank=0, world=1):
     """Micro-batches without end, in an order fixed by (seed, epoch), from micro-batch `start` on:
-    a resumed run sees exactly the batches the uninterrupted run would have seen."""
-    per_epoch = len(records) // cfg.batch_size
+    a resumed run sees exactly the batches the uninterrupted run would have seen. With `world`
+    ranks, each global micro-batch has batch_size * world rows and rank r takes its r-th slice:
+    together the ranks see what one process with that batch size sees."""
+    per_epoch = len(records) // (cfg.batch_size * world)
     if per_epoch == 0:
-        raise SystemExit(f"{records.path}: {len(records)} rows, fewer than one batch of {cfg.batch_size}")
+        raise SystemExit(f"{records.path}: {len(records)} rows, fewer than one batch of {cfg.batch_size * world}")
     epoch, skip = divmod(start, per_epoch)
     while True:
         order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-        order = order[:per_epoch * cfg.batch_size].view(per_epoch, cfg.batch_size)[skip:].tolist()
+        order = order[:per_epoch * cfg.batch_size * world].view(per_epoch, world, cfg.batch_size)
+        order = order[skip:, rank].tolist()
         yield from torch.utils.data.DataLoader(records, batch_sampler=order, collate_fn=collate,
                                                num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"))
         epoch, skip = epoch + 1, 0
@@ -143,17 +151,20 @@ class RefCache:
 
 
 @torch.no_grad()
-def reference_logps(model, records, batcher, cfg):
+def reference_logps(model, records, batcher, cfg, rank=0, world=1):
     """Compute (once) or load the reference cache. Run before the first update, so the policy is
-    still the initial model: the reference never sits beside the policy in memory."""
+    still the initial model: the reference never sits beside the policy in memory. With `world`
+    ranks, rank r computes records r, r + world, ... (wrapping round, so that all run as many
+    forwards, as FSDP's collectives need); rank 0 gathers them and writes the file the others read."""
     from safetensors.torch import load_file, save_file
     path = cfg.ref_cache or os.path.join(cfg.out_dir, "ref_logps.safetensors")
     if os.path.exists(path):
         return RefCache(path, load_file(path))
     was_training, out = model.training, {}
     model.eval()
-    for i in range(0, len(records), cfg.batch_size):
-        batch = batcher.pairs([records[j] for j in range(i, min(i + cfg.batch_size, len(records)))])
+    mine = [(rank + world * k) % len(records) for k in range(-(-len(records) // world))]
+    for i in range(0, len(mine), cfg.batch_size):
+        batch = batcher.pairs([records[j] for j in mine[i:i + cfg.batch_size]])
         if "input_ids" not in batch:
             continue
         batch = to_device(batch, cfg.device)
@@ -163,8 +174,16 @@ def reference_logps(model, records, batcher, cfg):
         logp, mask, B = logp.cpu(), mask.cpu(), len(batch["ids"])
         for j, sid in enumerate(batch["ids"]):
             out[f"{sid}/chosen"], out[f"{sid}/rejected"] = logp[j][mask[j]], logp[B + j][mask[B + j]]
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write(path, lambda p: save_file(out, p, {"init": cfg.init, "data": cfg.data}))
+    if world > 1:  # every rank's part to rank 0
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(out, parts)
+        out = {k: v for part in parts or [] for k, v in part.items()}
+    if rank == 0:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        atomic_write(path, lambda p: save_file(out, p, {"init": cfg.init, "data": cfg.data}))
+    if world > 1:
+        dist.barrier()  # the file is written
+        out = load_file(path)
     model.train(was_training)
     return RefCache(path, out)
 
@@ -185,6 +204,8 @@ def load_model(cfg, tok):
         with open(latest) as f:
             ckpt = os.path.join(cfg.out_dir, f.read().strip())
         path = os.path.join(ckpt, "state.pt")
+        if os.path.exists(os.path.join(ckpt, ".metadata")):  # sharded (DCP): loaded in train(), once sharded
+            return load_model(replace(cfg, resume=False), tok)[0], {"dcp": ckpt}
         try:  # weights_only: tensors and plain containers, never a pickle that runs code
             state = torch.load(path, weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
@@ -194,6 +215,39 @@ def load_model(cfg, tok):
         return Muffin.from_pretrained(cfg.init), None
     torch.manual_seed(cfg.seed)
     return Muffin(sized(cfg.model, tok.vocab_size, tok.im_patch_id)).init_weights(), None
+
+
+# --- distributed: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; one process per device
+
+def distributed(cfg):
+    """Join the process group when launched by torchrun (nccl on CUDA, gloo on the CPU) and pick
+    this rank's device; -> (rank, world size), (0, 1) for a plain `python train.py`."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    if cfg.device.startswith("cuda"):
+        cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(cfg.device)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shard(model, device):
+    """FSDP2: every BEiT-3 block and every LLaMA decoder block is a unit whose weights are gathered
+    just before it runs and freed after; the root holds the rest (embeddings, head, projector).
+    On CUDA the gathered copies are bf16 and gradients are reduced in fp32 onto fp32 master shards."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if device.startswith("cuda") else MixedPrecisionPolicy()
+    for block in [*model.model.vision_tower.beit3.encoder.layers, *model.model.layers]:
+        fully_shard(block.float(), mp_policy=mp)  # fp32 master weights, whatever the checkpoint's dtype
+    fully_shard(model.float(), mp_policy=mp)
+
+
+def sharded_state(model, opt, step=0):
+    """A sharded (DCP) checkpoint: weights and AdamW state by name (this rank's shards under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    weights, optimizer = get_state_dict(model, opt)
+    return {"model": weights, "optimizer": optimizer, "step": step, "rng": torch.get_rng_state()}
 
 
 def save(model, tok_file, path, state=None):
@@ -208,31 +262,48 @@ def save(model, tok_file, path, state=None):
 
 
 def train(cfg, stage):
-    """SFT (teacher-forced NLL of the answers) or DDPO on cfg.data; returns the trained model."""
+    """SFT (teacher-forced NLL of the answers) or DDPO on cfg.data; returns the trained model.
+    Under torchrun: data parallel over the ranks, with DDP, or with FSDP2 given --fsdp."""
+    rank, world = distributed(cfg)
     tok_file = cfg.tokenizer or os.path.join(cfg.init, "tokenizer.model")
     tok = Tokenizer(tok_file)
     model, state = load_model(cfg, tok)
     check_tokenizer(tok, model, tok_file)  # so no id the data makes can fall outside the embedding
     c = model.config
-    model.to(cfg.device)
+    model.model.vision_tower.requires_grad_(not cfg.freeze_vision)  # before sharding: FSDP2 reads it
+    model.grad_checkpointing = cfg.grad_ckpt
+    sharded, ddp = cfg.fsdp and dist.is_initialized(), not cfg.fsdp and dist.is_initialized()
+    if sharded:
+        shard(model, cfg.device)  # which also moves each rank's shards to its device
+    else:
+        model.to(cfg.device)
     records = Records(cfg.data)
     batcher = Batcher(tok, c.n_query, c.vision.img_size, cfg.max_len, cfg.gamma, cfg.min_match)
     if stage == "ddpo":
-        batcher.ref = reference_logps(model, records, batcher, cfg)
-    model.model.vision_tower.requires_grad_(not cfg.freeze_vision)
-    model.grad_checkpointing = cfg.grad_ckpt
+        batcher.ref = reference_logps(model, records, batcher, cfg, rank, world)
+    if sharded:
+        model.reshard()  # FSDP2 leaves the root's gathered weights registered after a forward
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=cfg.weight_decay, fused=cfg.device.startswith("cuda"))
     step = 0
-    if state is not None:
+    if state is not None and "dcp" in state:  # a sharded checkpoint, saved on any number of ranks
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        state, path = sharded_state(model, opt), state["dcp"]
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    elif state is not None:
         opt.load_state_dict(state["optimizer"])
+    if state is not None:
         torch.set_rng_state(state["rng"])
         step = state["step"]
     fwd = torch.compile(model) if cfg.compile else model
-    data = batches(records, batcher.sft if stage == "sft" else batcher.pairs, cfg, step * cfg.grad_accum)
+    fwd = DistributedDataParallel(fwd) if ddp else fwd  # `model` stays unwrapped, for saving
+    data = batches(records, batcher.sft if stage == "sft" else batcher.pairs, cfg, step * cfg.grad_accum,
+                   rank, world)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
+    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
     peak, flops = peak_flops(cfg.device), 0.0
     skipped, window, t0, t_start, start_step = {}, {}, time.time(), time.time(), step
     model.train()
@@ -240,23 +311,31 @@ def train(cfg, stage):
         lr = lr_at(step, cfg, cfg.lr)
         for group in opt.param_groups:
             group["lr"] = lr
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             batch = next(data)
             for k, v in batch.pop("skipped").items():
                 skipped[k] = skipped.get(k, 0) + v
+            if "input_ids" not in batch and world > 1:  # the ranks would fall out of step
+                raise RuntimeError(f"rank {rank}, step {step + 1}: every row of a micro-batch was skipped")
             if "input_ids" not in batch:
                 continue  # every row of this micro-batch was skipped
             batch = to_device(batch, cfg.device)
-            with autocast(cfg.device):
-                loss, metrics = forward_loss(fwd, batch, cfg, stage)
-            (loss / cfg.grad_accum).backward()
+            # DDP all-reduces gradients during backward; before the last micro-step that traffic
+            # would be wasted (the sum is not finished), so no_sync() lets them accumulate locally
+            with fwd.no_sync() if ddp and micro < cfg.grad_accum - 1 else contextlib.nullcontext():
+                with autocast(cfg.device):
+                    loss, metrics = forward_loss(fwd, batch, cfg, stage)
+                (loss / cfg.grad_accum).backward()
             metrics["tokens"] = (batch["input_ids"] != tok.pad_id).sum()
             metrics["rows"] = torch.tensor(float(len(batch["input_ids"])))
             flops += train_flops(model, batch["input_ids"].numel(), len(batch["images"]))
             for k, v in metrics.items():  # summed on the device: no host sync per micro-step
                 window[k] = window.get(k, 0) + v.float()
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-        if not torch.isfinite(norm):  # one host sync per step, so a NaN never reaches the weights
+        norm = norm.full_tensor() if sharded else norm  # FSDP2: a DTensor, reduced over the shards
+        # one host sync per step, so a NaN never reaches the weights; the norm is global (after DDP's
+        # sync, or reduced over FSDP2's shards), so every rank takes the same branch
+        if not torch.isfinite(norm):
             raise FloatingPointError(f"step {step + 1}: non-finite loss or gradient (norm {norm.item()}); "
                                      f"update not applied; the last checkpoint in {cfg.out_dir} is intact")
         opt.step()
@@ -267,36 +346,61 @@ def train(cfg, stage):
             window, t0, flops = {}, time.time(), 0.0  # every row since the last line was skipped (counted)
         elif step % cfg.log_every == 0 or step == cfg.steps:
             n, dt = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every, time.time() - t0
+            if world > 1:  # one all_reduce per log line: tokens and rows summed, the rest averaged
+                sums = torch.stack([v.to(cfg.device) for v in window.values()])
+                dist.all_reduce(sums)
+                window = {k: v / (1 if k in ("tokens", "rows") else world) for k, v in zip(window, sums)}
             rec = {k: v.item() / (n * (1 if k in ("tokens", "rows", "grad_norm") else cfg.grad_accum))
                    for k, v in window.items()}
             tok_s = rec.pop("tokens") * n / dt
             rec.update(step=step, lr=lr, tokens_per_s=tok_s, rows_per_s=rec.pop("rows") * n / dt,
                        mfu=peak and flops / dt / peak)
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
             elapsed = time.time() - t_start
             eta = elapsed / (step - start_step) * (cfg.steps - step)
-            print(f"{stage} {step}/{cfg.steps} loss {rec['loss']:.4f}"
-                  + (f" margin {rec['rewards/margins']:.3f} acc {rec['rewards/accuracies']:.2f}"
-                     if stage == "ddpo" else "")
-                  + f" lr {lr:.2e} | {tok_s:,.0f} tok/s"
-                  + (f" mfu {rec['mfu']:.1%}" if peak else "")
-                  + f" | {elapsed:.0f}s, eta {eta:.0f}s", flush=True)
+            if rank == 0:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                print(f"{stage} {step}/{cfg.steps} loss {rec['loss']:.4f}"
+                      + (f" margin {rec['rewards/margins']:.3f} acc {rec['rewards/accuracies']:.2f}"
+                         if stage == "ddpo" else "")
+                      + f" lr {lr:.2e} | {tok_s:,.0f} tok/s"
+                      + (f" mfu {rec['mfu']:.1%}" if peak else "")
+                      + f" | {elapsed:.0f}s, eta {eta:.0f}s", flush=True)
             window, t0, flops = {}, time.time(), 0.0
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(model, opt, step, cfg, tok_file)
-    save(model, tok_file, cfg.out_dir)
-    if skipped:
+    if sharded:  # the full weights, gathered on rank 0's CPU, saved from a plain model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            with torch.device("meta"):
+                model = Muffin(c)
+            model.load_state_dict(weights, assign=True)
+    if world > 1:  # every rank's count of skipped rows
+        counts = [None] * world
+        dist.all_gather_object(counts, skipped)
+        skipped = {k: sum(part.get(k, 0) for part in counts) for part in counts for k in part}
+    if rank == 0:
+        save(model, tok_file, cfg.out_dir)
+    if skipped and rank == 0:
         print(f"{stage}: skipped rows: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())))
     return model
 
 
 def save_checkpoint(model, opt, step, cfg, tok_file):
     """<out_dir>/ckpt-<step>/, then the one-line file `latest` points at it (atomically), then
-    older checkpoints go: an interruption at any moment leaves a complete checkpoint to resume."""
+    older checkpoints go: an interruption at any moment leaves a complete checkpoint to resume.
+    With --fsdp every rank writes its shards (DCP; dcp.save returns once all are written);
+    otherwise rank 0 writes the weights and state.pt."""
     name = f"ckpt-{step}"
-    save(model, tok_file, os.path.join(cfg.out_dir, name),
-         {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state()})
+    if cfg.fsdp:
+        import torch.distributed.checkpoint as dcp
+        dcp.save(sharded_state(model, opt, step), checkpoint_id=os.path.join(cfg.out_dir, name))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    if not cfg.fsdp:
+        save(model, tok_file, os.path.join(cfg.out_dir, name),
+             {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state()})
     atomic_write(os.path.join(cfg.out_dir, "latest"), name)
     for old in os.listdir(cfg.out_dir):
         if old.startswith("ckpt-") and old != name:
@@ -435,6 +539,8 @@ def main(argv):
         if not cfg.data or (cfg.stage == "ddpo" and not cfg.init):
             raise SystemExit(f"--stage={cfg.stage} needs --data" + (" and --init" if cfg.stage == "ddpo" else ""))
         train(cfg, cfg.stage)
+        if dist.is_initialized():
+            dist.destroy_process_group()
     else:
         raise SystemExit(f"--stage must be rlhfv, sft or ddpo, not {cfg.stage!r}")
 
