@@ -71,7 +71,8 @@ class TrainConfig:
     n_train: int = 6000      # training scenes: SFT captions, then answers to collect and correct
     n_test: int = 1000       # held-out scenes for evaluation
     image_size: int = 48
-    sft_steps: int = 1500
+    sft_steps: int = 2500    # from scratch the queries first switch the image off (the decoder
+                             # learns the caption prior faster); seeing resumes after ~600 steps
     sft_lr: float = 1e-3
     ablation: bool = False   # also run vanilla DPO (gamma 1) and SFT on the corrected answers
 
@@ -353,8 +354,12 @@ def train(cfg, stage):
             rec = {k: v.item() / (n * (1 if k in ("tokens", "rows", "grad_norm") else cfg.grad_accum))
                    for k, v in window.items()}
             tok_s = rec.pop("tokens") * n / dt
-            rec.update(step=step, lr=lr, tokens_per_s=tok_s, rows_per_s=rec.pop("rows") * n / dt,
-                       mfu=peak and flops / dt / peak)
+            rows_s = rec.pop("rows") * n / dt
+            rec.update(step=step, lr=lr, tokens_per_s=tok_s, mfu=peak and flops / dt / peak)
+            if stage == "ddpo":
+                rec["pairs_per_s"] = rows_s / 2  # a pair is two rows
+            else:
+                rec["rows_per_s"] = rows_s
             elapsed = time.time() - t_start
             eta = elapsed / (step - start_step) * (cfg.steps - step)
             if rank == 0:
