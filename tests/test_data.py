@@ -136,3 +136,21 @@ def test_images_rgb_and_normalised():
     assert x.shape == (3, 16, 16) and x[0].min() == 1.0 and x[1].max() == -1.0
     with pytest.raises(ValueError, match="image <3 bytes>"):
         load_image(b"abc")
+
+
+def test_parquet_reader_official_layout(tmp_path):
+    """RLHF-V-Dataset: columns ds_name, image {bytes, path}, text (a JSON string with question,
+    chosen, rejected), origin_dataset, origin_split, idx, image_path; read one row group at a time.
+    Runs where pyarrow is installed (it is not a dependency)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = [{"ds_name": "RLHF-V", "image": {"bytes": png_bytes(c), "path": f"{i}.png"},
+             "text": json.dumps({"question": f"Q{i}?", "chosen": "C.", "rejected": f"R{i}."}),
+             "origin_dataset": "vqa", "origin_split": "{}", "idx": i, "image_path": f"{i}.png"}
+            for i, c in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)])]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "RLHF-V-Dataset.parquet", row_group_size=2)
+    data = Records(tmp_path / "RLHF-V-Dataset.parquet")
+    assert len(data) == 3
+    r = data[2]
+    assert (r["question"], r["chosen"], r["rejected"]) == ("Q2?", "C.", "R2.")
+    assert r["image"].getpixel((0, 0)) == (0, 0, 255) and data[0]["image"].getpixel((0, 0)) == (255, 0, 0)
