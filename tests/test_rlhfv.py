@@ -1,6 +1,7 @@
 """The miniature RLHF-V end to end, at toy sizes: every stage runs and writes its artefacts."""
 import json
 
+import rlhfv
 import train
 
 
@@ -11,7 +12,7 @@ def test_miniature_runs_every_stage_and_writes_every_artefact(tmp_path):
     cfg = train.TrainConfig(out_dir=str(tmp_path), model="tiny", image_size=32, n_train=64, n_test=8,
                             sft_steps=150, sft_lr=3e-3, steps=2, batch_size=4, log_every=1,
                             device="cpu", ablation=True)
-    train.rlhfv(cfg)
+    rlhfv.run(cfg)
     for f in ("world/tokenizer.model", "world/sft.jsonl", "world/images/test7.png", "sft/config.json",
               "collect/pairs.jsonl", "collect/ref_logps.safetensors", "ddpo/model.safetensors",
               "dpo/model.safetensors", "sft_corrected/model.safetensors", "ddpo/eval.json",
@@ -22,5 +23,5 @@ def test_miniature_runs_every_stage_and_writes_every_artefact(tmp_path):
     assert {"response_rate", "mention_rate", "coverage", "object", "attribute", "count",
             "relation"} <= set(results["ddpo"]) and results["ddpo"]["n"] == 8
     stamp = (tmp_path / "ddpo" / "model.safetensors").stat().st_mtime_ns
-    train.rlhfv(cfg)
+    rlhfv.run(cfg)
     assert (tmp_path / "ddpo" / "model.safetensors").stat().st_mtime_ns == stamp

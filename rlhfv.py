@@ -1,0 +1,136 @@
+"""The miniature RLHF-V: the paper's whole loop on the synthetic world of world.py, offline.
+
+    python train.py                  # runs this (stage rlhfv), every stage cached under --out_dir
+    python train.py --ablation       # + vanilla DPO (gamma 1) and SFT on the corrected answers
+    python -m pytest tests/test_rlhfv.py
+
+world + tokenizer -> SFT from scratch (the reference model) -> its answers on new scenes, corrected
+segment by segment -> DDPO (and the ablation arms) -> evaluation on held-out scenes -> table,
+results.json, report.png. Each stage is a call into train.py (train, autocast) and sample.py.
+"""
+import json
+import os
+import random
+from dataclasses import asdict
+
+import torch
+
+import world
+from data import SYSTEM, Tokenizer, image_tensor, load_image, train_tokenizer
+from model import Muffin, atomic_write, sized
+from sample import generate
+from train import TrainConfig, autocast, train
+
+
+def run(cfg):
+    """Every stage of the module docstring, each skipped when its output is already on disk."""
+    out, wdir = cfg.out_dir, os.path.join(cfg.out_dir, "world")
+    n_sft = cfg.n_train // 2  # the first half teaches (SFT), the second is described and corrected
+    train_scenes, test_scenes = world.make_world(cfg.seed, cfg.n_train, cfg.n_test)
+    tok_file = os.path.join(wdir, "tokenizer.model")
+    if not os.path.exists(tok_file):
+        build_world(cfg, wdir, train_scenes[:n_sft], train_scenes, test_scenes)
+    tok = Tokenizer(tok_file)
+    stage = lambda name, **kw: TrainConfig(**{**asdict(cfg), "resume": True, "out_dir": os.path.join(out, name), **kw})
+    sft_dir = os.path.join(out, "sft")
+    if not finished(sft_dir):
+        train(stage("sft", data=os.path.join(wdir, "sft.jsonl"), tokenizer=tok_file, init="",
+                    steps=cfg.sft_steps, lr=cfg.sft_lr, max_len=512), "sft")
+    pairs = os.path.join(out, "collect", "pairs.jsonl")
+    if not os.path.exists(pairs):
+        collect(cfg, tok, sft_dir, train_scenes[n_sft:], n_sft, pairs)
+    arms = {"ddpo" if cfg.gamma != 1 else "dpo": ("ddpo", pairs, cfg.gamma)}
+    if cfg.ablation:
+        arms.update(dpo=("ddpo", pairs, 1.0), sft_corrected=("sft", pairs[:-6] + "_sft.jsonl", cfg.gamma))
+    for name, (kind, data, gamma) in arms.items():
+        if not finished(os.path.join(out, name)):
+            train(stage(name, data=data, init=sft_dir, gamma=gamma, max_len=512,
+                        ref_cache=os.path.join(out, "collect", "ref_logps.safetensors")), kind)
+    results = {name: evaluate(cfg, tok, os.path.join(out, name), test_scenes)
+               for name in ["sft", *arms]}
+    report(cfg, results, arms)
+
+
+def finished(run_dir):
+    return os.path.exists(os.path.join(run_dir, "config.json"))
+
+
+def build_world(cfg, wdir, sft_scenes, train_scenes, test_scenes):
+    """Images of every scene, the SFT data (fresh caption noise for each pass over the scenes) and a
+    SentencePiece tokenizer trained on all the text the models will meet."""
+    os.makedirs(os.path.join(wdir, "images"), exist_ok=True)
+    for split, scenes in (("train", train_scenes), ("test", test_scenes)):
+        for i, scene in enumerate(scenes):
+            world.render(scene, cfg.image_size).save(os.path.join(wdir, "images", f"{split}{i}.png"))
+    rng = random.Random(cfg.seed)
+    passes = -(-cfg.sft_steps * cfg.batch_size // len(sft_scenes))
+    rows = [ex for _ in range(passes) for ex in world.sft_examples(sft_scenes, rng)]
+    write_jsonl(os.path.join(wdir, "sft.jsonl"),
+                [{"image": f"images/train{i}.png", "question": q, "answer": a} for i, q, a in rows])
+    # whole prompts, so that the system prompt and the template are merged into few tokens
+    text = [f"{SYSTEM}\n\n### Human: \n{q}\n### Assistant: {a}\n###" for _, q, a in rows[:20000]]
+    train_tokenizer(text + world.corpus(train_scenes, rng), os.path.join(wdir, "tokenizer.model"),
+                    sized(cfg.model).llm.vocab_size - 4)
+
+
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def describe_all(model_dir, tok, image_paths, prompts, cfg):
+    """Greedy answers of a checkpoint, one per (image, prompt), in batches of 250."""
+    model = Muffin.from_pretrained(model_dir).to(cfg.device).eval()
+    size, answers = model.config.vision.img_size, []
+    for i in range(0, len(prompts), 250):
+        images = torch.stack([image_tensor(load_image(p), size) for p in image_paths[i:i + 250]])
+        with autocast(cfg.device):
+            answers += generate(model, tok, images.to(cfg.device), prompts[i:i + 250], max_new_tokens=96)
+    return answers
+
+
+def collect(cfg, tok, sft_dir, scenes, offset, path):
+    """The SFT model describes new training scenes; the annotator corrects each answer that has a
+    hallucination (chosen = corrected, rejected = original); answers without one are dropped."""
+    prompts = [world.DESCRIBE_PROMPTS[i % len(world.DESCRIBE_PROMPTS)] for i in range(len(scenes))]
+    images = [f"images/train{offset + i}.png" for i in range(len(scenes))]
+    wdir = os.path.join(cfg.out_dir, "world")
+    answers = describe_all(sft_dir, tok, [os.path.join(wdir, p) for p in images], prompts, cfg)
+    pairs = [{"image": f"../world/{images[i]}", "question": prompts[i], "chosen": fixed, "rejected": a}
+             for i, a in enumerate(answers) if (fixed := world.correct(scenes[i], a)) is not None]
+    print(f"collect: {len(pairs)} of {len(scenes)} answers had a hallucination and were corrected")
+    write_jsonl(path, pairs)
+    write_jsonl(path[:-6] + "_sft.jsonl", [{**p, "answer": p["chosen"]} for p in pairs])
+
+
+def evaluate(cfg, tok, model_dir, scenes):
+    """Describe every held-out scene once (greedy) and score the answers; cached in eval.json."""
+    path = os.path.join(model_dir, "eval.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)["scores"]
+    prompts = [world.DESCRIBE_PROMPTS[i % len(world.DESCRIBE_PROMPTS)] for i in range(len(scenes))]
+    images = [os.path.join(cfg.out_dir, "world", "images", f"test{i}.png") for i in range(len(scenes))]
+    answers = describe_all(model_dir, tok, images, prompts, cfg)
+    scores = world.score(scenes, answers)
+    atomic_write(path, json.dumps({"scores": scores, "answers": answers}, indent=1))
+    return scores
+
+
+def report(cfg, results, arms):
+    """Print the table, write results.json and draw report.png (curves of the first DDPO arm)."""
+    cols = ("response_rate", "mention_rate", "object", "attribute", "count", "relation", "coverage")
+    print(f"\n{'model':<14}" + "".join(f"{c.replace('_rate', ''):>11}" for c in cols) + f"{'resp. vs sft':>14}")
+    for name, r in results.items():
+        change = (r["response_rate"] / results["sft"]["response_rate"] - 1) if results["sft"]["response_rate"] else 0
+        print(f"{name:<14}" + "".join(f"{100 * r[c]:>10.1f}%" for c in cols)
+              + (f"{100 * change:>+13.1f}%" if name != "sft" else ""))
+    atomic_write(os.path.join(cfg.out_dir, "results.json"), json.dumps(results, indent=2))
+    curves = {}
+    for name, key in (("sft", "loss"), (next(iter(arms)), "loss"), (next(iter(arms)), "rewards/margins"),
+                      (next(iter(arms)), "rewards/accuracies")):
+        with open(os.path.join(cfg.out_dir, name, "log.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        curves[f"{name} {key.split('/')[-1]}"] = [(r["step"], r[key]) for r in rows if key in r]
+    world.draw_report(os.path.join(cfg.out_dir, "report.png"), curves, results)
+    print(f"\nwrote {cfg.out_dir}/results.json and {cfg.out_dir}/report.png")
