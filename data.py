@@ -56,15 +56,16 @@ class Tokenizer:
         return self.sp.decode([i for i in ids if 0 <= i < self.pad_id])
 
 
-def train_tokenizer(lines, model_file, vocab_size):
+def train_tokenizer(lines, model_file, vocab_size, symbols=()):
     """Train a SentencePiece BPE model on an iterable of strings, written to model_file.
-    LLaMA's conventions: unk 0, bos 1, eos 2, no pad, byte fallback, no normalisation."""
+    LLaMA's conventions: unk 0, bos 1, eos 2, no pad, byte fallback, no normalisation.
+    symbols: extra strings that are always one piece (spaces written as \u2581)."""
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(model_file).removesuffix(".model"),
         vocab_size=vocab_size, model_type="bpe", byte_fallback=True, character_coverage=1.0,
         normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2,
-        user_defined_symbols=[STOP])  # one piece, as in LLaMA's vocabulary, so stopping is one id
+        user_defined_symbols=[STOP, *symbols])  # STOP one piece as in LLaMA: stopping is one id
     return Tokenizer(model_file)
 
 

@@ -77,12 +77,12 @@ _VICUNA_13B = LLaMAConfig(32004, 5120, 13824, 40, 40)
 _TINYLLAMA = LLaMAConfig(32000, 2048, 5632, 22, 32, 4)
 _BEIT3_BASE = BEiT3Config()
 CONFIGS = {
-    # CPU tests: seconds. GQA on, so the tests exercise it.
+    # CPU tests: seconds. GQA on, so the tests exercise it; 9 queries, one per cell of a 3x3 world.
     "tiny": MuffinConfig(LLaMAConfig(512, 64, 128, 2, 4, 2, max_position_embeddings=512),
-                         BEiT3Config(32, 8, 32, 2, 2, 64), n_query=8, im_patch_id=509),
-    # the miniature RLHF-V of train.py: 48 px scenes, trained from scratch on a CPU in minutes
+                         BEiT3Config(32, 8, 32, 2, 2, 64), n_query=9, im_patch_id=509),
+    # the miniature RLHF-V of train.py: 48 px scenes of 3 x 3 cells, one 16 px patch per cell
     "mini": MuffinConfig(LLaMAConfig(512, 128, 256, 4, 4, 2, max_position_embeddings=512),
-                         BEiT3Config(48, 8, 96, 3, 3, 256), n_query=16, im_patch_id=509),
+                         BEiT3Config(48, 16, 96, 3, 3, 256), n_query=16, im_patch_id=509),
     # speed benchmarks: TinyLlama-1.1B's decoder, with a BEiT-3 base tower at 224 px
     "llama-1.1b": MuffinConfig(_TINYLLAMA, _BEIT3_BASE),
     # the paper's model: BEiT-3 L/16 at 448 px + Vicuna-13B
@@ -318,7 +318,20 @@ class Muffin(LLaMA):
     def init_weights(self, std=0.02):
         super().init_weights(std)
         nn.init.trunc_normal_(self.model.query, std=std)
-        nn.init.trunc_normal_(self.model.vision_tower.beit3.vision_embed.cls_token, std=std)
+        tower = self.model.vision_tower.beit3
+        nn.init.trunc_normal_(tower.vision_embed.cls_token, std=std)
+        # From scratch at the miniature's widths, normal(0.02) q/k weights make every attention
+        # uniform (logit std 0.02^2 * dim ~ 0.04 at dim 96), so each query starts as the image's
+        # average, and position rows of std 0.02 vanish under the patch content: the queries then
+        # take thousands of steps to learn where to look. Logits of std ~4 (q/k std 2/sqrt(dim))
+        # and position rows of std 0.3 let them localise in a few hundred (rlhfv.pretrain_vision's
+        # task with 8 px patches, cells right after 300 steps: 72% = "all empty" before, 87% after).
+        for layer in tower.encoder.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                for expert in (proj.A, proj.B):
+                    nn.init.normal_(expert.weight, std=2 * tower.config.dim ** -0.5)
+        for table in (tower.encoder.embed_positions.A, tower.encoder.embed_positions.B):
+            nn.init.normal_(table.weight, std=0.3)
         return self
 
     @classmethod

@@ -4,16 +4,20 @@
     python train.py --ablation       # + vanilla DPO (gamma 1) and SFT on the corrected answers
     python -m pytest tests/test_rlhfv.py
 
-world + tokenizer -> SFT from scratch (the reference model) -> its answers on new scenes, corrected
-segment by segment -> DDPO (and the ablation arms) -> evaluation on held-out scenes -> table,
-results.json, report.png. Each stage is a call into train.py (train, autocast) and sample.py.
+world + tokenizer -> the tower learns to see (BEiT-3's pre-training, in miniature) -> SFT on noisy
+captions (the reference model) -> its answers on new scenes, corrected segment by segment -> DDPO
+(and the ablation arms) -> evaluation on held-out scenes -> table, results.json, report.png. The
+training stages are calls into train.py (train, autocast) and sample.py.
 """
+import itertools
 import json
 import os
 import random
 from dataclasses import asdict
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import world
 from data import SYSTEM, Tokenizer, image_tensor, load_image, train_tokenizer
@@ -31,10 +35,13 @@ def run(cfg):
     if not os.path.exists(tok_file):
         build_world(cfg, wdir, train_scenes[:n_sft], train_scenes, test_scenes)
     tok = Tokenizer(tok_file)
-    stage = lambda name, **kw: TrainConfig(**{**asdict(cfg), "resume": True, "out_dir": os.path.join(out, name), **kw})
-    sft_dir = os.path.join(out, "sft")
+    stage = lambda name, **kw: TrainConfig(**{**asdict(cfg), "resume": True, "out_dir": os.path.join(out, name),
+                                              "freeze_vision": True, **kw})
+    vision_dir, sft_dir = os.path.join(out, "vision"), os.path.join(out, "sft")
+    if not finished(vision_dir):
+        pretrain_vision(cfg, tok, train_scenes[:n_sft], vision_dir)
     if not finished(sft_dir):
-        train(stage("sft", data=os.path.join(wdir, "sft.jsonl"), tokenizer=tok_file, init="",
+        train(stage("sft", data=os.path.join(wdir, "sft.jsonl"), tokenizer=tok_file, init=vision_dir,
                     steps=cfg.sft_steps, lr=cfg.sft_lr, max_len=512), "sft")
     pairs = os.path.join(out, "collect", "pairs.jsonl")
     if not os.path.exists(pairs):
@@ -69,8 +76,50 @@ def build_world(cfg, wdir, sft_scenes, train_scenes, test_scenes):
                 [{"image": f"images/train{i}.png", "question": q, "answer": a} for i, q, a in rows])
     # whole prompts, so that the system prompt and the template are merged into few tokens
     text = [f"{SYSTEM}\n\n### Human: \n{q}\n### Assistant: {a}\n###" for _, q, a in rows[:20000]]
+    # the system prompt is one piece: a third of every row's tokens otherwise, at every step
     train_tokenizer(text + world.corpus(train_scenes, rng), os.path.join(wdir, "tokenizer.model"),
-                    sized(cfg.model).llm.vocab_size - 4)
+                    sized(cfg.model).llm.vocab_size - 4, symbols=["\u2581" + SYSTEM.replace(" ", "\u2581")])
+
+
+def pretrain_vision(cfg, tok, scenes, path, batch=64):
+    """Muffin starts from a pre-trained BEiT-3; ours starts from nothing, and trained through the
+    queries by captions alone it learns to see far slower than the decoder learns the captions'
+    prior (the SFT model then describes the scene it expects, not the one it sees). So the tower and
+    its queries first learn the scenes directly: query i says what is in cell i of the grid (empty,
+    or one shape x colour x size) and which cell it is looking at, through a linear head that is
+    then dropped. The decoder stays fresh; the whole model is saved for SFT to start from, and the
+    tower stays frozen from then on (trained on, it is scrambled by the fresh decoder's early
+    gradients: SFT loss 0.42 after 1,000 steps, against 0.36 after 600 frozen)."""
+    torch.manual_seed(cfg.seed)
+    model = Muffin(sized(cfg.model, tok.vocab_size, tok.im_patch_id)).init_weights().to(cfg.device)
+    tower, query, size = model.model.vision_tower.beit3, model.model.query, cfg.image_size
+    cells, kinds = scenes[0].grid ** 2, list(itertools.product(world.SHAPES, world.COLOURS, world.SIZES))
+    if len(query) < cells or model.config.vision.img_size != size:
+        raise ValueError(f"--model={cfg.model}: needs >= {cells} queries and {size} px images")
+    images = torch.stack([image_tensor(world.render(s, size), size) for s in scenes]).to(cfg.device)
+    labels = torch.zeros(len(scenes), cells, dtype=torch.long)
+    for i, s in enumerate(scenes):
+        for o in s.objects:
+            labels[i, o.row * s.grid + o.col] = 1 + kinds.index((o.shape, o.colour, o.size))
+    labels = labels.to(cfg.device)
+    head = nn.Linear(query.shape[1], 1 + len(kinds) + cells).to(cfg.device)  # what | where
+    where = torch.arange(cells, device=cfg.device).repeat(batch)
+    opt = torch.optim.AdamW([*tower.parameters(), query, *head.parameters()], lr=cfg.sft_lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+    for step in range(1, cfg.vision_steps + 1):
+        idx = torch.randint(len(scenes), (batch,), generator=g).to(cfg.device)
+        with autocast(cfg.device):
+            h = tower(images[idx], extra=query.expand(batch, -1, -1))[:, -len(query):][:, :cells]
+            logits = head(h).float().flatten(0, 1)
+        loss = (F.cross_entropy(logits[:, :-cells], labels[idx].flatten())
+                + F.cross_entropy(logits[:, -cells:], where))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == cfg.vision_steps:
+            acc = (logits[:, :-cells].argmax(-1) == labels[idx].flatten()).float().mean().item()
+            print(f"vision {step}/{cfg.vision_steps} loss {loss.item():.4f} cells right {100 * acc:.1f}%")
+    model.save_pretrained(path)
 
 
 def write_jsonl(path, rows):

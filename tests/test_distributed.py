@@ -55,10 +55,13 @@ def weights(run_dir):
 
 
 def assert_same_weights(a, b):
+    """Equal to 1e-4 after 4 AdamW steps of lr 1e-3. Adam moves a weight by ~lr whatever the size of
+    its gradient, so a gradient that is zero up to rounding can move by ~1e-5 more on one side (one
+    weight in 200k does); gradients that were not averaged would move thousands by ~1e-3."""
     a, b = weights(a), weights(b)
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-4, msg=k)
 
 
 def test_ddp_equals_one_process_with_the_combined_batch(setup):
@@ -75,8 +78,10 @@ def test_fsdp2_equals_one_process(setup):
     global), and the gathered final weights equal one process's."""
     d, opts = setup
     ranks(opts, str(d / "fsdp"), batch_size=2, fsdp=True)
+    # rel 1e-4: the weights differ as assert_same_weights says; abs 1e-5: step 1's margin is 0 up to
+    # the rounding of summed log-probs (~30 * 2^-23)
     for key in ("loss", "grad_norm", "rewards/margins"):
-        assert logged(d / "fsdp", key) == pytest.approx(logged(d / "single", key), rel=1e-5, abs=1e-6)
+        assert logged(d / "fsdp", key) == pytest.approx(logged(d / "single", key), rel=1e-4, abs=1e-5)
     assert_same_weights(d / "fsdp", d / "single")
 
 
@@ -93,7 +98,7 @@ def test_sharded_checkpoint_resumes_on_1_and_on_2_ranks(setup):
     want = logged(d / "single")
     for run in (d / "cut1", cut):
         assert len(logged(run)) == 4
-        assert logged(run)[2:] == pytest.approx(want[2:], rel=1e-5, abs=1e-6)
+        assert logged(run)[2:] == pytest.approx(want[2:], rel=1e-4, abs=1e-6)
         assert_same_weights(run, d / "single")
 
 

@@ -253,8 +253,9 @@ def test_a_reference_cache_from_another_max_len_is_refused(tmp_path, tok, datase
     cfg = config(tmp_path, dataset, init_ckpt, data=str(data), batch_size=2)
     model = Muffin.from_pretrained(init_ckpt).eval()
     records = Records(data)
-    ref = train.reference_logps(model, records, Batcher(tok, 8, 32, max_len=512), cfg)
-    short = Batcher(tok, 8, 32, max_len=len(prompt_ids(tok, records[0]["question"], 8)) + 3, ref=ref)
+    n = model.config.n_query
+    ref = train.reference_logps(model, records, Batcher(tok, n, 32, max_len=512), cfg)
+    short = Batcher(tok, n, 32, max_len=len(prompt_ids(tok, records[0]["question"], n)) + 3, ref=ref)
     with pytest.raises(ValueError, match=rf"ref_logps.safetensors: sample {records[0]['id']} has \d+/\d+ "
                                          r"cached tokens but 3/3 now \(another tokenizer or max_len\?\)"):
         short.pairs([records[0]])

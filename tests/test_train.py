@@ -37,12 +37,14 @@ def test_ddpo_steps_lower_the_loss_and_train_only_what_is_trainable(tmp_path, da
 
 def test_batch_4_equals_4_micro_batches_of_1(tmp_path, dataset, init_ckpt):
     """The loss is a mean over pairs and each micro-batch is scaled by 1/grad_accum, so the update
-    is the same however a batch is split (right padding does not change any real token)."""
+    is the same however a batch is split (right padding does not change any real token). To lr / 10:
+    AdamW moves a weight whose gradient is zero up to rounding by ~lr either way (see
+    test_distributed.assert_same_weights)."""
     a = train.train(config(tmp_path / "a", dataset, init_ckpt, steps=2), "ddpo").state_dict()
     b = train.train(config(tmp_path / "b", dataset, init_ckpt, steps=2, batch_size=1, grad_accum=4),
                     "ddpo").state_dict()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-4, msg=name)
 
 
 def test_resume_reproduces_the_losses(tmp_path, dataset, init_ckpt, monkeypatch):
