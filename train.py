@@ -71,7 +71,7 @@ class TrainConfig:
     n_train: int = 6000      # training scenes: SFT captions, then answers to collect and correct
     n_test: int = 1000       # held-out scenes for evaluation
     image_size: int = 48
-    vision_steps: int = 500  # the tower learns to see first (rlhfv.pretrain_vision)
+    vision_steps: int = 1500  # the tower learns to see first (rlhfv.pretrain_vision)
     sft_steps: int = 1200
     sft_lr: float = 1e-3
     ablation: bool = False   # also run vanilla DPO (gamma 1) and SFT on the corrected answers
