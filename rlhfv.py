@@ -74,9 +74,9 @@ def build_world(cfg, wdir, sft_scenes, train_scenes, test_scenes):
     rows = [ex for _ in range(passes) for ex in world.sft_examples(sft_scenes, rng)]
     write_jsonl(os.path.join(wdir, "sft.jsonl"),
                 [{"image": f"images/train{i}.png", "question": q, "answer": a} for i, q, a in rows])
-    # whole prompts, so that the system prompt and the template are merged into few tokens
+    # whole prompts, so that the template merges into few tokens; the system prompt is one piece
+    # (a third of every row's tokens otherwise, paid at every step)
     text = [f"{SYSTEM}\n\n### Human: \n{q}\n### Assistant: {a}\n###" for _, q, a in rows[:20000]]
-    # the system prompt is one piece: a third of every row's tokens otherwise, at every step
     train_tokenizer(text + world.corpus(train_scenes, rng), os.path.join(wdir, "tokenizer.model"),
                     sized(cfg.model).llm.vocab_size - 4, symbols=["\u2581" + SYSTEM.replace(" ", "\u2581")])
 
@@ -108,16 +108,16 @@ def pretrain_vision(cfg, tok, scenes, path, batch=64):
     g = torch.Generator().manual_seed(cfg.seed)
     for step in range(1, cfg.vision_steps + 1):
         idx = torch.randint(len(scenes), (batch,), generator=g).to(cfg.device)
+        what = labels[idx].flatten()
         with autocast(cfg.device):
             h = tower(images[idx], extra=query.expand(batch, -1, -1))[:, -len(query):][:, :cells]
             logits = head(h).float().flatten(0, 1)
-        loss = (F.cross_entropy(logits[:, :-cells], labels[idx].flatten())
-                + F.cross_entropy(logits[:, -cells:], where))
+        loss = F.cross_entropy(logits[:, :-cells], what) + F.cross_entropy(logits[:, -cells:], where)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == cfg.vision_steps:
-            acc = (logits[:, :-cells].argmax(-1) == labels[idx].flatten()).float().mean().item()
+            acc = (logits[:, :-cells].argmax(-1) == what).float().mean().item()  # a sync per 100 steps
             print(f"vision {step}/{cfg.vision_steps} loss {loss.item():.4f} cells right {100 * acc:.1f}%")
     model.save_pretrained(path)
 
