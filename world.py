@@ -12,12 +12,14 @@ is all three, with the standard library and Pillow only:
 
 How hallucinations arise. Real MLLMs learn to hallucinate from noisy web captions, not from poor
 eyesight (a model that cannot see learns priors that DPO can only trade for other text-only rules).
-So the images are easy to see and it is the SFT captions that are wrong. A share `p_noise` of the
-descriptions is written by a careless captioner who describes the scene he expects, not the one he
-sees. Where there is a square but no triangle he adds, with probability `p_cooc`, a triangle in its
-stereotypical colour in an empty cell, and counts it (object and count hallucinations: squares and
-triangles "go together"). Otherwise he either paints one object in its shape's stereotypical colour
-(attribute: "bananas are yellow") or puts it in the mirror cell (position: left/right mix-ups).
+So the images are easy to see and it is the SFT captions that are wrong, written by a careless
+captioner who describes the scene he expects, not the one he sees. Where there is a square but no
+triangle he adds, with probability `p_cooc` = 0.6, a triangle in its stereotypical colour in an
+empty cell, and counts it (object and count hallucinations: squares and triangles "go together").
+Otherwise, with probability `p_noise` = 0.35, he either paints one object in its shape's
+stereotypical colour (attribute: "bananas are yellow") or puts it in the mirror cell (position:
+left/right mix-ups). The co-occurrence is stated more often than not, or greedy decoding, which says
+the most likely words, would never repeat it; the slips are rarer and only blur what the model reads.
 In the scenes themselves every shape, colour and cell is equally likely, so undoing any of this
 needs the image. Short QA answers are always right, as in curated VQA data.
 
@@ -191,7 +193,7 @@ def _qa(scene, rng):
     return f"Is there a {shape}?", f"No, there is no {shape}."
 
 
-def _careless(scene, rng, p_cooc):
+def _careless(scene, rng, p_cooc, p_noise):
     """The scene as the careless captioner of the module docstring believes it to be."""
     objs, grid = list(scene.objects), scene.grid
     taken = {(o.row, o.col) for o in objs}
@@ -200,6 +202,8 @@ def _careless(scene, rng, p_cooc):
     if "square" in shapes and "triangle" not in shapes and free and rng.random() < p_cooc:
         r, c = rng.choice(free)
         objs.append(Obj("triangle", STEREOTYPE["triangle"], rng.choice(SIZES), r, c))
+    elif rng.random() >= p_noise:
+        return scene
     elif rng.random() < 0.5:
         if off := [i for i, o in enumerate(objs) if o.colour != STEREOTYPE[o.shape]]:
             i = rng.choice(off)
@@ -210,17 +214,16 @@ def _careless(scene, rng, p_cooc):
     return Scene(grid, tuple(sorted(objs, key=lambda o: (o.row, o.col))))
 
 
-def sft_examples(scenes, rng, p_noise=0.35, p_cooc=0.7, p_qa=0.25):
+def sft_examples(scenes, rng, p_noise=0.35, p_cooc=0.6, p_qa=0.25):
     """One (scene_idx, question, answer) per scene: with probability p_qa a short QA pair, else a
-    detailed description, written by the careless captioner with probability p_noise.
+    detailed description by the careless captioner of the module docstring.
     The noise is drawn afresh at each call: call once per epoch for new captions."""
     out = []
     for i, scene in enumerate(scenes):
         if rng.random() < p_qa:
             out.append((i, *_qa(scene, rng)))
         else:
-            seen = _careless(scene, rng, p_cooc) if rng.random() < p_noise else scene
-            out.append((i, rng.choice(DESCRIBE_PROMPTS), describe(seen, rng)))
+            out.append((i, rng.choice(DESCRIBE_PROMPTS), describe(_careless(scene, rng, p_cooc, p_noise), rng)))
     return out
 
 
@@ -228,7 +231,7 @@ def corpus(scenes, rng):
     """Tokenizer text: the prompts, and per scene a true and a careless description, a QA pair."""
     lines = list(DESCRIBE_PROMPTS)
     for scene in scenes:
-        lines += [describe(scene, rng), describe(_careless(scene, rng, 1.0), rng), *_qa(scene, rng)]
+        lines += [describe(scene, rng), describe(_careless(scene, rng, 1.0, 1.0), rng), *_qa(scene, rng)]
     return lines
 
 

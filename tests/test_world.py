@@ -174,14 +174,14 @@ def test_the_sft_captions_carry_the_bias():
     assert all(f"{world.STEREOTYPE['triangle']} triangle" in a for a in answers)
     assert score(prone, answers)["object"] == score(prone, answers)["count"] == 1.0
     # without noise, descriptions and short answers are all true
-    clean = world.sft_examples(train, rng, p_noise=0.0, p_qa=0.5)
+    clean = world.sft_examples(train, rng, p_noise=0.0, p_cooc=0.0, p_qa=0.5)
     assert {q in world.DESCRIBE_PROMPTS for _, q, _ in clean} == {True, False}
     assert all(v.ok for i, _, a in clean for v in check(train[i], a))
-    # the default noise: about a third of the descriptions, with every type of hallucination
+    # the default noise: 40% of the descriptions, with every type of hallucination
     noisy = [(train[i], a) for i, q, a in world.sft_examples(train, rng)
              if q in world.DESCRIBE_PROMPTS]
     got = score(*zip(*noisy))
-    assert 0.2 < got["response_rate"] < 0.4
+    assert 0.3 < got["response_rate"] < 0.5
     assert min(got[t] for t in ("object", "attribute", "count", "relation")) > 0.03
 
 
