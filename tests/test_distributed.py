@@ -55,13 +55,14 @@ def weights(run_dir):
 
 
 def assert_same_weights(a, b):
-    """Equal to 1e-4 after 4 AdamW steps of lr 1e-3. Adam moves a weight by ~lr whatever the size of
-    its gradient, so a gradient that is zero up to rounding can move by ~1e-5 more on one side (one
-    weight in 200k does); gradients that were not averaged would move thousands by ~1e-3."""
+    """Equal after 4 AdamW steps of lr 1e-3, but for a few weights in 100k. Adam moves a weight by
+    ~lr whatever the size of its gradient, in the direction of its sign, so a gradient that is zero
+    up to rounding moves its weight by up to ~lr on either side (one or two weights per run, by
+    ~1e-4); a rank that trained on the wrong rows or skipped the average would move most weights."""
     a, b = weights(a), weights(b)
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-4, msg=k)
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert (diff > 1e-5).float().mean() < 1e-4 and diff.max() < 4e-3, (diff > 1e-5).sum()
 
 
 def test_ddp_equals_one_process_with_the_combined_batch(setup):
