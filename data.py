@@ -147,13 +147,6 @@ class Records:
     def __len__(self):
         return self.starts[-1] if self.kind == "parquet" else len(self.offsets)
 
-    def sizes(self):
-        """Bytes per row of a .jsonl file: with the image a path, a proxy for the row's tokens."""
-        if self.kind != "jsonl":
-            raise SystemExit(f"{self.path}: --group_by_length needs .jsonl data")
-        ends = self.offsets[1:] + [os.path.getsize(self.path)]
-        return [end - start for start, end in zip(self.offsets, ends)]
-
     def __getitem__(self, i):
         where = f"{self.path}:{i + 1}"
         try:

@@ -36,7 +36,7 @@ def run(cfg):
         build_world(cfg, wdir, train_scenes[:n_sft], train_scenes, test_scenes)
     tok = Tokenizer(tok_file)
     stage = lambda name, **kw: TrainConfig(**{**asdict(cfg), "resume": True, "out_dir": os.path.join(out, name),
-                                              "freeze_vision": True, "group_by_length": True, **kw})
+                                              "freeze_vision": True, **kw})
     vision_dir, sft_dir = os.path.join(out, "vision"), os.path.join(out, "sft")
     if not finished(vision_dir):
         pretrain_vision(cfg, tok, train_scenes[:n_sft], vision_dir)

@@ -59,7 +59,6 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     max_len: int = 2048      # tokens per row; answers are cut from the end to fit
-    group_by_length: bool = False  # .jsonl: rows of like length share a micro-batch (less padding)
     freeze_vision: bool = False  # requires_grad=False on the BEiT-3 tower
     grad_ckpt: bool = False  # recompute decoder blocks in backward (less memory, ~30% slower)
     compile: bool = False
@@ -106,14 +105,9 @@ def batches(records, collate, cfg, start, rank=0, world=1):
     if per_epoch == 0:
         raise SystemExit(f"{records.path}: {len(records)} rows, fewer than one batch of {cfg.batch_size * world}")
     epoch, skip = divmod(start, per_epoch)
-    rows, sizes = cfg.batch_size * world, torch.tensor(records.sizes()) if cfg.group_by_length else None
     while True:
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-        order = torch.randperm(len(records), generator=g)[:per_epoch * rows]
-        if sizes is not None:  # sorted in windows of 64 micro-batches, which are then shuffled
-            order = torch.cat([w[sizes[w].argsort(stable=True)] for w in order.split(64 * rows)])
-            order = order.view(per_epoch, rows)[torch.randperm(per_epoch, generator=g)]
-        order = order.reshape(per_epoch, world, cfg.batch_size)
+        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        order = order[:per_epoch * cfg.batch_size * world].view(per_epoch, world, cfg.batch_size)
         order = order[skip:, rank].tolist()
         yield from torch.utils.data.DataLoader(records, batch_sampler=order, collate_fn=collate,
                                                num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"))

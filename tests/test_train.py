@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 
 import ddpo
 import train
@@ -127,22 +126,3 @@ def test_identical_chosen_and_rejected_give_zero_gradient(dataset, init_ckpt, to
     assert loss.item() == pytest.approx(0.693147, abs=1e-6)
     assert max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None) < 1e-6
 
-
-def test_group_by_length(tmp_path):
-    """Rows of like length share a micro-batch: each row still comes once per epoch, a batch spans
-    a narrow band of lengths (here 1-5 vs up to 1-50 shuffled), and a run resumed at micro-batch k
-    sees what the uninterrupted run saw from k on."""
-    lines = [json.dumps({"image": "x.png", "question": "q", "answer": "a" * (i % 50)}) for i in range(200)]
-    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
-    Image.new("RGB", (4, 4)).save(tmp_path / "x.png")
-    records = Records(tmp_path / "d.jsonl")
-    sizes = records.sizes()
-    assert sizes[7] - sizes[0] == 7
-    cfg = train.TrainConfig(batch_size=10, group_by_length=True, seed=3)
-    ids = lambda start, n: [b for b, _ in zip(train.batches(records, lambda r: r, cfg, start), range(n))]
-    epoch = ids(0, 20)
-    rows = [len(r["answer"]) for b in epoch for r in b]
-    assert sorted(rows) == sorted(i % 50 for i in range(200))
-    spread = max(max(len(r["answer"]) for r in b) - min(len(r["answer"]) for r in b) for b in epoch)
-    assert spread <= 5
-    assert [[r["id"] for r in b] for b in ids(13, 10)] == [[r["id"] for r in b] for b in ids(0, 23)[13:]]
