@@ -223,7 +223,8 @@ def sft_examples(scenes, rng, p_noise=0.35, p_cooc=0.6, p_qa=0.25):
         if rng.random() < p_qa:
             out.append((i, *_qa(scene, rng)))
         else:
-            out.append((i, rng.choice(DESCRIBE_PROMPTS), describe(_careless(scene, rng, p_cooc, p_noise), rng)))
+            prompt = rng.choice(DESCRIBE_PROMPTS)  # before the noise: the README's numbers use this draw order
+            out.append((i, prompt, describe(_careless(scene, rng, p_cooc, p_noise), rng)))
     return out
 
 

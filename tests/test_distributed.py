@@ -57,8 +57,8 @@ def weights(run_dir):
 def assert_same_weights(a, b):
     """Equal after 4 AdamW steps of lr 1e-3, but for a few weights in 100k. Adam moves a weight by
     ~lr whatever the size of its gradient, in the direction of its sign, so a gradient that is zero
-    up to rounding moves its weight by up to ~lr on either side (one or two weights per run, by
-    ~1e-4); a rank that trained on the wrong rows or skipped the average would move most weights."""
+    up to rounding moves its weight by up to ~lr on either side (seen: one weight per run, by 3e-5
+    to 2e-4); a rank that trained on the wrong rows or skipped the average would move most weights."""
     a, b = weights(a), weights(b)
     assert a.keys() == b.keys()
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])

@@ -13,7 +13,8 @@ def test_miniature_runs_every_stage_and_writes_every_artefact(tmp_path):
                             vision_steps=20, sft_steps=150, sft_lr=3e-3, steps=2, batch_size=4, log_every=1,
                             device="cpu", ablation=True)
     rlhfv.run(cfg)
-    for f in ("world/tokenizer.model", "world/sft.jsonl", "world/images/test7.png", "vision/config.json", "sft/config.json",
+    for f in ("world/tokenizer.model", "world/sft.jsonl", "world/images/test7.png", "vision/config.json",
+              "sft/config.json",
               "collect/pairs.jsonl", "collect/ref_logps.safetensors", "ddpo/model.safetensors",
               "dpo/model.safetensors", "sft_corrected/model.safetensors", "ddpo/eval.json",
               "report.png"):

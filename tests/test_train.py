@@ -125,4 +125,3 @@ def test_identical_chosen_and_rejected_give_zero_gradient(dataset, init_ckpt, to
     loss.backward()
     assert loss.item() == pytest.approx(0.693147, abs=1e-6)
     assert max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None) < 1e-6
-
