@@ -12,7 +12,7 @@ Each number is the median of --iters runs after --warmup untimed ones (allocatio
 compilation), perf_counter after torch.cuda.synchronize. Weights are random, made on the device.
   step    train.forward_loss on 2B rows (B chosen, then B rejected, sharing B images; cached reference
           log-probs) + backward + grad clip + AdamW (fused on CUDA); bf16 autocast on CUDA, fp32 on a CPU.
-          MFU = model.train_flops / time / train.peak_flops; GiB = torch.cuda.max_memory_allocated;
+          MFU = model.train_flops / time / model.peak_flops; GiB = torch.cuda.max_memory_allocated;
           both n/a on a CPU (no peak FLOP/s to divide by, no allocator statistics).
   ref     the same forward under no_grad, to per-token log-probs, as train.reference_logps runs it.
   decode  sample.generate's prefill, then greedy sample.decode_step at batch 1 and 8 (bf16 weights on
@@ -35,8 +35,8 @@ import torch
 
 import ddpo
 import sample
-from model import CONFIGS, LLaMA, Muffin, train_flops
-from train import TrainConfig, autocast, forward_loss, peak_flops
+from model import CONFIGS, LLaMA, Muffin, peak_flops, train_flops
+from train import TrainConfig, autocast, forward_loss
 
 # name: (config, with the vision tower, default sizes). The <im_patch> id must be inside the vocabulary:
 # the real tokenizer appends it (vocab 32004); here the last id stands in for it, so that both 1.1B

@@ -398,6 +398,17 @@ def train_flops(model, n_tokens, n_images=0):
     return 6 * decoder * n_tokens + 6 * vision * n_images * (v.n_patches + 1 + model.config.n_query)
 
 
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+              "L4": 121e12, "4090": 165e12, "3090": 71e12}  # dense bf16 tensor-core peaks
+
+
+def peak_flops(device):
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
 def sized(name, vocab_size=None, im_patch_id=None):
     """A named config, with the vocabulary of a tokenizer (its size and <im_patch> id)."""
     c = CONFIGS[name]
