@@ -80,9 +80,9 @@ CONFIGS = {
     # CPU tests: seconds. GQA on, so the tests exercise it; 9 queries, one per cell of a 3x3 world.
     "tiny": MuffinConfig(LLaMAConfig(512, 64, 128, 2, 4, 2, max_position_embeddings=512),
                          BEiT3Config(32, 8, 32, 2, 2, 64), n_query=9, im_patch_id=509),
-    # the miniature RLHF-V of train.py: 48 px scenes of 3 x 3 cells, one 16 px patch per cell
+    # the miniature RLHF-V of train.py: 48 px scenes of 3 x 3 cells, one 16 px patch and one query per cell
     "mini": MuffinConfig(LLaMAConfig(512, 128, 256, 4, 4, 2, max_position_embeddings=512),
-                         BEiT3Config(48, 16, 96, 3, 3, 256), n_query=16, im_patch_id=509),
+                         BEiT3Config(48, 16, 96, 3, 3, 256), n_query=9, im_patch_id=509),
     # speed benchmarks: TinyLlama-1.1B's decoder, with a BEiT-3 base tower at 224 px
     "llama-1.1b": MuffinConfig(_TINYLLAMA, _BEIT3_BASE),
     # the paper's model: BEiT-3 L/16 at 448 px + Vicuna-13B
