@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
 import ddpo
@@ -55,7 +54,6 @@ class TrainConfig:
     steps: int = 150         # the miniature's DDPO (seed 0: 150 steps at 5e-6 = 300 at 2.5e-6 or at 5e-6)
     batch_size: int = 32     # pairs (ddpo) or answers (sft) per micro-batch
     grad_accum: int = 1
-    parts: int = 4           # each micro-batch run as this many, by row length (train.split): less padding
     lr: float = 5e-6         # the miniature's DDPO (1e-5 for 300 steps over-corrects into undercounting)
     warmup: float = 0.1      # fraction of steps; then cosine to 0
     weight_decay: float = 0.0
@@ -106,46 +104,20 @@ def batches(records, collate, cfg, start, rank=0, world=1):
 
 
 def forward_loss(model, batch, cfg, stage):
-    """The loss of one micro-batch and its metrics (0-d tensors). A part of one (split) is scaled by
-    the whole micro-batch's counts, so the parts' losses and metrics sum to the whole one's."""
+    """The loss of one micro-batch and its metrics (0-d tensors)."""
     logits = model(batch["input_ids"], images=batch["images"], image_index=batch["image_index"])
     logp, mask = ddpo.token_logps(logits, batch["labels"])
-    B = len(batch["images"])  # sft: rows; ddpo: pairs (chosen rows, then rejected rows)
-    pairs, tokens = batch.get("whole", (B, mask[:B].sum()))  # tokens: of the first B rows
     if stage == "sft":
-        nll = -logp.sum() / tokens
+        nll = -logp.sum() / mask.sum()
         return nll, {"loss": nll.detach()}
+    B = len(logp) // 2  # chosen rows, then rejected rows
     pi = ddpo.weighted_scores(logp, mask, batch["weights"], cfg.average)
     ref = ddpo.weighted_scores(batch["ref_logps"], mask, batch["weights"], cfg.average)
     losses, r_w, r_l = ddpo.ddpo_loss(pi[:B], pi[B:], ref[:B], ref[B:], cfg.beta)
-    loss = losses.sum() / pairs
+    loss = losses.mean()
     if cfg.sft_weight:  # a per-token NLL anchor on the chosen answers, whatever the score mode
-        loss = loss - cfg.sft_weight * logp[:B].sum() / tokens
-    metrics = ddpo.ddpo_metrics(r_w, r_l, pi[:B], pi[B:], ref[:B], ref[B:])
-    return loss, {"loss": loss.detach(), **{k: v * (B / pairs) for k, v in metrics.items()}}
-
-
-def split(batch, parts, pad_id):
-    """A micro-batch as `parts` smaller ones, its images sorted by their longest row and dealt out
-    in turn, each part cut to its own longest row: the same rows, so the same loss and gradient
-    (forward_loss scales by the counts in "whole"), with less padding to compute (the miniature's
-    SFT batches: 1.40 padded tokens per real one, 1.10 in 4 parts). Rows keep their order, so a
-    part of pairs is still its chosen rows, then its rejected rows. Always min(parts, images) parts:
-    under DDP/FSDP2 every rank must run as many backward passes."""
-    index, n = batch["image_index"], len(batch["images"])
-    length = (batch["input_ids"] != pad_id).sum(1)
-    longest = length.new_zeros(n).scatter_reduce(0, index, length, "amax")
-    whole = (n, (batch["labels"][:n] != ddpo.IGNORE_INDEX).sum())
-    out = []
-    for images in longest.argsort(descending=True, stable=True).tensor_split(min(parts, n)):
-        images = images.sort().values
-        rows = torch.isin(index, images).nonzero().squeeze(1)
-        T = -(-length[rows].max().item() // 8) * 8
-        part = {k: batch[k][rows, :T - (k in ("weights", "ref_logps"))]
-                for k in ("input_ids", "labels", "weights", "ref_logps") if k in batch}
-        out.append({**part, "images": batch["images"][images], "whole": whole,
-                    "image_index": torch.searchsorted(images, index[rows])})
-    return out
+        loss = loss - cfg.sft_weight * logp[:B].sum() / mask[:B].sum()
+    return loss, {"loss": loss.detach(), **ddpo.ddpo_metrics(r_w, r_l, pi[:B], pi[B:], ref[:B], ref[B:])}
 
 
 class RefCache:
@@ -201,12 +173,8 @@ def reference_logps(model, records, batcher, cfg, rank=0, world=1):
 
 
 def autocast(device):
-    """bf16 autocast on CUDA (fp32 master weights). On the CPU plain fp32 and the math attention
-    kernel: at the miniature's shapes (~100 tokens, head_dim 32) the CPU flash kernel is the slower
-    one (an SFT step of 32 rows: 0.61 s against 0.49 s on 2 cores)."""
-    if str(device).startswith("cuda"):
-        return torch.autocast("cuda", torch.bfloat16)
-    return sdpa_kernel(SDPBackend.MATH)
+    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on the CPU."""
+    return torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
 
 
 def to_device(batch, device):
@@ -295,27 +263,22 @@ def train(cfg, stage):
             batch = next(data)
             for k, v in batch.pop("skipped").items():
                 skipped[k] = skipped.get(k, 0) + v
-            n = len(batch.get("images", ()))
-            if n < min(cfg.parts, cfg.batch_size) and world > 1:  # the ranks would fall out of step
-                raise RuntimeError(f"rank {rank}, step {step + 1}: {n} usable rows in a micro-batch "
-                                   f"(the rest were skipped), fewer than --parts={cfg.parts}")
-            if n == 0:
+            if "input_ids" not in batch and world > 1:  # the ranks would fall out of step
+                raise RuntimeError(f"rank {rank}, step {step + 1}: every row of a micro-batch was skipped")
+            if "input_ids" not in batch:
                 continue  # every row of this micro-batch was skipped
-            parts = split(batch, cfg.parts, tok.pad_id)
-            for i, part in enumerate(parts):
-                part = to_device(part, cfg.device)
-                # DDP all-reduces gradients during backward; before the last backward of the step
-                # that traffic would be wasted (the sum is not finished): no_sync() accumulates locally
-                last = micro == cfg.grad_accum - 1 and i == len(parts) - 1
-                with fwd.no_sync() if ddp and not last else contextlib.nullcontext():
-                    with autocast(cfg.device):
-                        loss, metrics = forward_loss(fwd, part, cfg, stage)
-                    (loss / cfg.grad_accum).backward()
-                metrics["tokens"] = (part["input_ids"] != tok.pad_id).sum()
-                metrics["rows"] = torch.tensor(float(len(part["input_ids"])))
-                flops += per_token * part["input_ids"].numel() + per_image * len(part["images"])
-                for k, v in metrics.items():  # summed on the device: no host sync per backward
-                    window[k] = window.get(k, 0) + v.float()
+            batch = to_device(batch, cfg.device)
+            # DDP all-reduces gradients during backward; before the last micro-step that traffic
+            # would be wasted (the sum is not finished), so no_sync() lets them accumulate locally
+            with fwd.no_sync() if ddp and micro < cfg.grad_accum - 1 else contextlib.nullcontext():
+                with autocast(cfg.device):
+                    loss, metrics = forward_loss(fwd, batch, cfg, stage)
+                (loss / cfg.grad_accum).backward()
+            metrics["tokens"] = (batch["input_ids"] != tok.pad_id).sum()
+            metrics["rows"] = torch.tensor(float(len(batch["input_ids"])))
+            flops += per_token * batch["input_ids"].numel() + per_image * len(batch["images"])
+            for k, v in metrics.items():  # summed on the device: no host sync per micro-step
+                window[k] = window.get(k, 0) + v.float()
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
         norm = norm.full_tensor() if sharded else norm  # FSDP2: a DTensor, reduced over the shards
         # one host sync per step, so a NaN never reaches the weights; the norm is global (after DDP's

@@ -55,46 +55,6 @@ def test_batch_4_equals_4_micro_batches_of_1(tmp_path, dataset, init_ckpt, monke
     assert (a - b).norm() / a.norm() < 1e-5  # float32 rounding; a wrong scale would be O(1)
 
 
-@pytest.mark.parametrize("stage", ["sft", "ddpo"])
-def test_a_batch_split_by_length_gives_the_same_loss_gradient_and_metrics(stage, tmp_path, dataset,
-                                                                         init_ckpt, tok):
-    """train.split deals a micro-batch's images out by row length into parts, each cut to its own
-    longest row; forward_loss scales each part by the whole batch's counts (answer tokens for SFT,
-    pairs for DDPO), so the parts' losses, metrics and gradients sum to the unsplit batch's, with
-    fewer padded tokens. Pairs stay pairs: a part's rejected rows follow its chosen rows in order."""
-    cfg = config(tmp_path, dataset, init_ckpt, sft_weight=0.3)
-    model = Muffin.from_pretrained(init_ckpt)
-    name = "sft.jsonl" if stage == "sft" else "pairs.jsonl"
-    records = Records(dataset / name)
-    batcher = Batcher(tok, model.config.n_query, model.config.vision.img_size, 2048, gamma=5.0)
-    if stage == "ddpo":
-        batcher.ref = train.reference_logps(model, Records(dataset / name), batcher, cfg)
-        torch.manual_seed(0)
-        with torch.no_grad():  # the policy moves away from the reference: rewards far from 0
-            for p in model.parameters():
-                p.add_(0.01 * torch.randn_like(p))
-    batch = (batcher.sft if stage == "sft" else batcher.pairs)([records[i] for i in range(7)])
-
-    def run(parts):
-        model.zero_grad()
-        total = {}
-        for part in parts:
-            loss, metrics = train.forward_loss(model, part, cfg, stage)
-            loss.backward()
-            total = {k: total.get(k, 0) + v for k, v in metrics.items()}
-        return total, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-    whole, g = run([batch])
-    parts = train.split(batch, 3, tok.pad_id)
-    assert len(parts) == 3 and sum(p["input_ids"].numel() for p in parts) < batch["input_ids"].numel()
-    assert sum(len(p["images"]) for p in parts) == 7 and sum(len(p["input_ids"]) for p in parts) == len(batch["input_ids"])
-    in_parts, g_parts = run(parts)
-    assert set(in_parts) == set(whole) and len(whole) == (1 if stage == "sft" else 9)
-    for k in whole:  # rewards are differences of fp32 sums of ~-300 (float32 eps x 300 ~ 2e-5)
-        torch.testing.assert_close(in_parts[k], whole[k], rtol=1e-5, atol=1e-4)
-    assert (g_parts - g).norm() / g.norm() < 1e-5
-
-
 def test_resume_reproduces_the_losses(tmp_path, dataset, init_ckpt, monkeypatch):
     """A run interrupted right after its step-3 checkpoint and resumed logs the same losses for
     steps 4-6 as an uninterrupted run: same weights, optimizer state, data order and schedule."""
