@@ -24,14 +24,14 @@ def losses(run_dir):
 
 def test_ddpo_steps_lower_the_loss_and_train_only_what_is_trainable(tmp_path, dataset, init_ckpt):
     """Eight steps on 16 pairs: the loss falls from ln 2, every trainable tensor moves, and the
-    frozen vision tower (requires_grad=False, not lr=0) stays bit for bit."""
+    frozen vision tower and queries (requires_grad=False, not lr=0) stay bit for bit."""
     before = Muffin.from_pretrained(init_ckpt).state_dict()
     cfg = config(tmp_path, dataset, init_ckpt, steps=8, lr=2e-4, freeze_vision=True)
     after = train.train(cfg, "ddpo").state_dict()
     seen = losses(tmp_path / "run")
     assert seen[0] == pytest.approx(0.6931, abs=1e-3) and seen[-1] < seen[0] - 0.05
     for name, t in after.items():
-        frozen = "vision_tower" in name
+        frozen = "vision_tower" in name or name == "model.query"
         assert torch.equal(t, before[name]) == frozen, name
 
 
