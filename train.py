@@ -51,7 +51,7 @@ class TrainConfig:
     sft_weight: float = 0.0  # + weight * NLL of the chosen answer (0 in the paper)
     ref_cache: str = ""      # default: <out_dir>/ref_logps.safetensors
     # optimisation (paper: lr 5e-7, batch 32, 320 steps, warm-up 10%, clip 1, all params trained)
-    steps: int = 100         # the miniature's DDPO (seed 0: 100 steps at 5e-6 ~ 150 ~ 300 at 2.5e-6)
+    steps: int = 100         # the miniature's DDPO (seed 0: 9.7% of answers hallucinated after 100, 9.2% after 150)
     batch_size: int = 32     # pairs (ddpo) or answers (sft) per micro-batch
     grad_accum: int = 1
     lr: float = 5e-6         # the miniature's DDPO (1e-5 for 300 steps over-corrects into undercounting)
