@@ -359,6 +359,9 @@ def main(argv):
             raise SystemExit(f"--stage={cfg.stage} needs --data" + (" and --init" if cfg.stage == "ddpo" else ""))
         train(cfg, cfg.stage)
         if torch.distributed.is_initialized():
+            # all ranks at once: a rank that tore gloo down while rank 0 was still saving once died
+            # in the teardown (SIGABRT, "terminate called without an active exception")
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
     else:
         raise SystemExit(f"--stage must be rlhfv, sft or ddpo, not {cfg.stage!r}")
