@@ -26,13 +26,13 @@ Tests: python -m pytest tests/test_bench.py
 import gc
 import importlib.util
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
 
 import torch
 
+import cli
 import ddpo
 import sample
 from model import CONFIGS, LLaMA, Muffin, peak_flops, train_flops
@@ -267,7 +267,7 @@ def format_table(table):
 
 
 def main(argv):
-    cfg = sample.parse_args(BenchConfig, argv)
+    cfg = cli.parse_args(BenchConfig, argv)
     cuda = cfg.device.startswith("cuda")
     shapes = [cfg.shape] if cfg.shape else ["llama-1.1b", "llama-1.1b-mm"] if cuda else ["tiny"]
     if any(s not in SHAPES for s in shapes):
@@ -288,4 +288,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main)

@@ -42,18 +42,32 @@ class Tokenizer:
         self._split = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL) + ")")
 
     def encode(self, text, bos=False):
-        """Text -> ids. The special tokens are matched literally, and the white space around them
-        is dropped, as transformers' slow LLaMA tokenizer of the Muffin era did."""
+        """Text -> ids. Plain text encodes exactly as SentencePiece encodes it; the special tokens
+        are matched literally, and only the white space next to them is dropped (a left neighbour's
+        trailing spaces, a right neighbour's leading ones), as transformers' slow LLaMA tokenizer of
+        the Muffin era did."""
         ids = [self.bos_id] if bos else []
-        for piece in self._split.split(text):
-            if piece in self.special:
+        pieces = self._split.split(text)  # text, special, text, ..., text: specials at odd indices
+        for i, piece in enumerate(pieces):
+            if i % 2:
                 ids.append(self.special[piece])
-            elif piece.strip():
-                ids.extend(self.sp.encode(piece.strip()))
+                continue
+            piece = piece.lstrip() if i > 0 else piece
+            piece = piece.rstrip() if i < len(pieces) - 1 else piece
+            if piece:
+                ids.extend(self.sp.encode(piece))
         return ids
 
     def decode(self, ids):
         return self.sp.decode([i for i in ids if 0 <= i < self.pad_id])
+
+
+def check_tokenizer(tok, config, tok_file):
+    """Every id the tokenizer makes must fit the model (a MuffinConfig): a mismatch is refused here,
+    not left to an index error (or a CUDA device-side assert) in the first forward."""
+    if (config.llm.vocab_size, config.im_patch_id) != (tok.vocab_size, tok.im_patch_id):
+        raise SystemExit(f"{tok_file} does not match the model: {tok.vocab_size} tokens and <im_patch> "
+                         f"{tok.im_patch_id}, the model has {config.llm.vocab_size} and {config.im_patch_id}")
 
 
 def train_tokenizer(lines, model_file, vocab_size, symbols=()):

@@ -10,12 +10,12 @@ trick instead of torch.multinomial; finished rows are tracked on the device and 
 `check_every` tokens), so with --compile it is captured in a CUDA graph.
 Tests: python -m pytest tests/test_sample.py
 """
-import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
-from data import STOP, Tokenizer, image_tensor, load_image, prompt_ids
+import cli
+from data import STOP, Tokenizer, check_tokenizer, image_tensor, load_image, prompt_ids
 from model import Muffin
 
 
@@ -23,7 +23,7 @@ from model import Muffin
 class SampleConfig:
     ckpt: str = "out/ddpo"        # a Muffin checkpoint directory (ours or the official release)
     tokenizer: str = ""           # default: <ckpt>/tokenizer.model
-    image: str = ""
+    image: str = ""                # the picture to ask about (required)
     prompt: str = "Describe the image in detail."
     max_new_tokens: int = 128
     temperature: float = 0.0      # 0: greedy
@@ -98,48 +98,19 @@ def generate(model, tok, images, questions, max_new_tokens=128, temperature=0.0,
     return [tok.decode(r).split(STOP)[0].strip() for r in rows]
 
 
-def parse_args(cls, argv):
-    """A config dataclass from --key=value arguments, each value parsed as its field's type
-    (a bare --flag sets a bool). An unknown key or a bad value exits with the valid choices."""
-    cfg, names = cls(), sorted(f.name for f in fields(cls))
-    for arg in argv:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in names:
-            raise SystemExit(f"unknown option {arg!r}; valid: " + " ".join(f"--{n}" for n in names))
-        kind = type(getattr(cfg, key))
-        if kind is bool:
-            if value.lower() not in ("", "1", "true", "yes", "0", "false", "no"):
-                raise SystemExit(f"--{key} expects true or false, got {value!r}")
-            value = value.lower() in ("", "1", "true", "yes")
-        else:
-            try:
-                value = kind(value)
-            except ValueError:
-                raise SystemExit(f"--{key} expects {kind.__name__}, got {value!r}") from None
-        setattr(cfg, key, value)
-    return cfg
-
-
-def check_tokenizer(tok, model, tok_file):
-    """Every id the tokenizer makes must fit the model's embedding: a mismatch is refused here, not
-    left to an index error (or a CUDA device-side assert) in the first forward."""
-    c = model.config
-    if (c.llm.vocab_size, c.im_patch_id) != (tok.vocab_size, tok.im_patch_id):
-        raise SystemExit(f"{tok_file} does not match the model: {tok.vocab_size} tokens and <im_patch> "
-                         f"{tok.im_patch_id}, the model has {c.llm.vocab_size} and {c.im_patch_id}")
-
-
 def main(argv):
-    cfg = parse_args(SampleConfig, argv)
+    cfg = cli.parse_args(SampleConfig, argv, paths=("ckpt", "tokenizer", "image"))
+    if not cfg.image:
+        raise cli.UsageError("--image is required: the picture to describe")
     torch.manual_seed(cfg.seed)
     model = Muffin.from_pretrained(cfg.ckpt).to(cfg.device).eval()
     tok_file = cfg.tokenizer or f"{cfg.ckpt}/tokenizer.model"
     tok = Tokenizer(tok_file)
-    check_tokenizer(tok, model, tok_file)
+    check_tokenizer(tok, model.config, tok_file)
     image = image_tensor(load_image(cfg.image), model.config.vision.img_size)[None].to(cfg.device)
     print(generate(model, tok, image, [cfg.prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                    cfg.repetition_penalty, compile=cfg.compile)[0])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main)

@@ -19,18 +19,17 @@ import math
 import os
 import pickle
 import shutil
-import sys
 import time
 from dataclasses import dataclass, replace
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+import cli
 import ddpo
 import parallel
-from data import Batcher, Records, Tokenizer
+from data import Batcher, Records, Tokenizer, check_tokenizer
 from model import Muffin, atomic_write, peak_flops, sized, train_flops
-from sample import check_tokenizer, parse_args
 
 
 @dataclass
@@ -220,7 +219,7 @@ def train(cfg, stage):
     tok_file = cfg.tokenizer or os.path.join(cfg.init, "tokenizer.model")
     tok = Tokenizer(tok_file)
     model, state = load_model(cfg, tok)
-    check_tokenizer(tok, model, tok_file)  # so no id the data makes can fall outside the embedding
+    check_tokenizer(tok, model.config, tok_file)  # so no id the data makes can fall outside the embedding
     c = model.config
     for part in (model.model.vision_tower, model.model.query):  # before sharding: FSDP2 reads it
         part.requires_grad_(not cfg.freeze_vision)
@@ -350,7 +349,7 @@ def save_checkpoint(model, opt, step, cfg, tok_file):
 
 
 def main(argv):
-    cfg = parse_args(TrainConfig, argv)
+    cfg = cli.parse_args(TrainConfig, argv, paths=("data", "init", "tokenizer"))
     if cfg.stage == "rlhfv":
         from rlhfv import run  # the miniature's stages, written on top of this file
         run(cfg)
@@ -368,4 +367,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main)

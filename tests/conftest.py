@@ -13,6 +13,20 @@ import world  # noqa: E402
 from data import SYSTEM, train_tokenizer  # noqa: E402
 from model import Muffin, sized  # noqa: E402
 
+# Relative tolerance for fp32 results that should agree but are computed in another order (another
+# batch layout, kernel, SIMD width or thread count): a sum of n terms rounds by up to about
+# n * 2^-24 of its largest term, and the reductions here have up to a few hundred terms, so 1e-4
+# of the scale of the compared quantity (~800 units in the last place) holds on any CPU, while a
+# real bug shows at O(1) of that scale.
+FP32_REL = 1e-4
+
+
+def assert_close_at_scale(actual, expected, rel=FP32_REL, msg=None):
+    """|actual - expected| <= rel * max|expected|, element-wise: the tolerance follows the size of
+    the whole compared tensor, so that entries near 0 are not held to a tighter bound than rounding
+    of the large ones allows."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=rel * expected.abs().max().item(), msg=msg)
+
 
 @pytest.fixture(scope="session")
 def tok(tmp_path_factory):

@@ -21,6 +21,43 @@ def test_special_tokens_follow_the_sentencepiece_vocabulary(tok):
     assert tok.decode(ids) == "red square"
 
 
+TRICKY = ["", " ", "   ", "\t", "\n", "  two leading spaces", "trailing space ", "inner   run  of spaces",
+          "tab\tand\nnewline\n\n", " \t mixed \n ", "unicode: caf\u00e9 \u00fcber \u4e2d\u6587 \U0001f600",
+          "### Assistant:", "a red\u2009square"]
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_plain_text_encodes_exactly_as_sentencepiece(tok, text):
+    """Without special tokens our encode is SentencePiece's own, outer and inner white space
+    included (its pieces for leading, trailing and lone spaces are kept)."""
+    assert tok.encode(text) == tok.sp.encode(text)
+    assert tok.encode(text, bos=True) == [tok.bos_id] + tok.sp.encode(text)
+
+
+@pytest.mark.parametrize("left, right", [("red", "square"), ("red ", " square"), ("red  \n", "\t square  "),
+                                         ("  red", "square  "), ("", ""), (" ", " ")])
+def test_white_space_is_dropped_only_next_to_special_tokens(tok, left, right):
+    """Around a special token the slow LLaMA tokenizer drops the left neighbour's trailing and the
+    right neighbour's leading white space, nothing else: the outer ends stay as SentencePiece
+    encodes them."""
+    n = tok.sp.get_piece_size()
+    want = tok.sp.encode(left.rstrip()) + [n + 2, n + 1] + tok.sp.encode(right.lstrip())
+    assert tok.encode(f"{left}<im_start><im_patch>{right}") == want
+    assert tok.encode(f"{left}<im_start> \n <im_patch>{right}") == want  # only spaces between: none left
+
+
+def test_a_template_row_is_three_sentencepiece_runs_and_the_image_slots(tok):
+    """The training template splits at the image slots into exactly: BOS, SentencePiece's ids of
+    "<system>\\n\\n### Human:" (the space before the slots dropped), the slots, SentencePiece's ids
+    of "<question>\\n### Assistant:" (the newline after them dropped). The answer is SentencePiece's
+    ids of "<answer>\\n###". These are the rows the miniature trains on."""
+    q, a = "How many squares are there?", "There are two squares."
+    slots = [tok.im_start_id] + [tok.im_patch_id] * 3 + [tok.im_end_id]
+    assert prompt_ids(tok, f" {q} ", 3) == ([tok.bos_id] + tok.sp.encode(f"{data.SYSTEM}\n\n### Human:") + slots
+                                            + tok.sp.encode(f"{q}\n### Assistant:"))
+    assert answer_ids(tok, f" {a}\n") == tok.sp.encode(f"{a}\n{STOP}")
+
+
 def test_template_places_the_image_after_human(tok):
     """RLHF-V's training template: system prompt, "### Human: ", the image slots, the question,
     "### Assistant:"; the answer is encoded on its own and ends with the stop string."""

@@ -16,6 +16,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train  # noqa: E402
+from conftest import FP32_REL  # noqa: E402
 from model import Muffin, sized  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
@@ -71,7 +72,7 @@ def test_ddp_equals_one_process_with_the_combined_batch(setup):
     d, opts = setup
     ranks(opts, str(d / "ddp"), batch_size=1, grad_accum=2)
     assert_same_weights(d / "ddp", d / "single")
-    assert logged(d / "ddp") == pytest.approx(logged(d / "single"), rel=1e-5, abs=1e-6)
+    assert logged(d / "ddp") == pytest.approx(logged(d / "single"), rel=FP32_REL)
 
 
 def test_fsdp2_equals_one_process(setup):

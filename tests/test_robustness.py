@@ -4,6 +4,7 @@ number, or a lost checkpoint. The catalogue is in README.md ("Robustness"); case
 elsewhere are listed there with their tests (test_data.py, test_model.py, test_vision.py,
 test_train.py) and not repeated here."""
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -19,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import sample
 import train
 from data import Batcher, Records, load_image, prompt_ids
@@ -239,10 +241,58 @@ def test_tokens_outside_the_vocabulary_are_refused_before_the_model(tmp_path, to
 ])
 def test_bad_options_exit_with_the_valid_ones(cls, arg, message):
     with pytest.raises(SystemExit) as e:
-        sample.parse_args(cls, [arg])
+        cli.parse_args(cls, [arg])
     assert str(e.value).startswith(message)
     if "valid" in message:
         assert "--seed" in str(e.value) and ("--steps" in str(e.value)) == (cls is train.TrainConfig)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("program, cls", [("train.py", train.TrainConfig), ("sample.py", sample.SampleConfig),
+                                          ("bench.py", None)])
+def test_help_names_every_option_with_its_type_default_and_comment(program, cls, capsys):
+    """--help (run as a program) and -h print the purpose, the docstring's example commands and one
+    line per option (--name=type, default, the comment beside the field), and exit 0."""
+    import bench
+    cls = cls or bench.BenchConfig
+    out = run_cli(program, "--help")
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(cls, ["--seed=1", "-h"])
+    assert e.value.code == 0 and capsys.readouterr().out == out.stdout
+    assert f"python {program}" in out.stdout and "examples:" in out.stdout
+    for f in dataclasses.fields(cls):
+        line = next(line for line in out.stdout.splitlines() if line.strip().startswith(f"--{f.name}="))
+        assert f"--{f.name}={type(getattr(cls(), f.name)).__name__}" in line
+    assert ("weight of tokens in corrected segments" in out.stdout) == (program == "train.py")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.py", "--stage=sft", "--data=missing.jsonl"], "train.py: --data=missing.jsonl: no such file or directory"),
+    (["train.py", "--stage=ddpo", "--data=train.py", "--init=no/ckpt"], "train.py: --init=no/ckpt: no such file"),
+    (["train.py", "--tokenizer=no.model"], "train.py: --tokenizer=no.model: no such file or directory"),
+    (["sample.py", "--ckpt=no/ckpt", "--image=x.png"], "sample.py: --ckpt=no/ckpt: no such file or directory"),
+    (["sample.py", "--ckpt=tests", "--image=x.png"], "sample.py: --image=x.png: no such file or directory"),
+    (["sample.py", "--ckpt=tests"], "sample.py: --image is required"),
+    (["train.py", "--lr=abc"], "train.py: --lr expects float, got 'abc'"),
+    (["bench.py", "--iters"], "bench.py: --iters expects int, got ''"),
+])
+def test_command_line_mistakes_are_one_line_with_status_2(args, message, monkeypatch, capsys):
+    """A path that does not exist or a bad value: one line naming the option, exit status 2, no
+    traceback. In-process through cli.run, the programs' entry point; one case as a real process."""
+    import bench
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as e:
+        cli.run({"train.py": train.main, "sample.py": sample.main, "bench.py": bench.main}[args[0]])
+    out = capsys.readouterr()
+    assert e.value.code == 2 and out.out == ""
+    assert out.err.startswith(message) and out.err.count("\n") == 1, out.err
+    if args[0] == "sample.py" and "--image=x.png" in args[-1]:
+        proc = run_cli(*args)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", out.err)
 
 
 def test_a_reference_cache_from_another_max_len_is_refused(tmp_path, tok, dataset, init_ckpt):

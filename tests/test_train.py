@@ -1,5 +1,6 @@
 """The training loop: DDPO steps, accumulation, the reference cache and exact resumption."""
 import json
+import math
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch
 import ddpo
 import train
 from data import Batcher, Records
+from conftest import FP32_REL, assert_close_at_scale
 from model import Muffin
 
 
@@ -91,7 +93,7 @@ def test_cached_reference_equals_online_reference(tmp_path, dataset, init_ckpt, 
                                             image_index=batch["image_index"]), batch["labels"])
     online = ddpo.weighted_scores(logp, mask, batch["weights"])
     cached = ddpo.weighted_scores(batch["ref_logps"], mask, batch["weights"])
-    torch.testing.assert_close(cached, online)
+    assert_close_at_scale(cached, online)  # other batches, other padding: summed in another order
     edited = {**records[0], "chosen": records[0]["chosen"] + " Also a cat.", "id": "edited"}
     with pytest.raises(ValueError, match="ref_logps.safetensors: no reference log-probs for sample edited"):
         batcher.pairs([edited])
@@ -112,7 +114,9 @@ def test_sft_stage_from_scratch(tmp_path, dataset, tok):
 
 def test_identical_chosen_and_rejected_give_zero_gradient(dataset, init_ckpt, tok):
     """When chosen == rejected, pi_w - pi_l = ref_w - ref_l = 0 whatever the weights: the loss is
-    ln 2 and its gradient is zero (which is why the batcher skips such pairs)."""
+    ln 2 and its gradient, beta/2 * (grad s_w - grad s_l), is zero (which is why the batcher skips
+    such pairs). In floats both rows' scores round alike but not always identically, so both are
+    bounded relative to what one row alone contributes: beta/2 * s_w and beta/2 * grad s_w."""
     model = Muffin.from_pretrained(init_ckpt)
     item = Records(dataset / "pairs.jsonl")[0]
     batcher = Batcher(tok, model.config.n_query, model.config.vision.img_size, 2048, gamma=5.0)
@@ -121,7 +125,13 @@ def test_identical_chosen_and_rejected_give_zero_gradient(dataset, init_ckpt, to
     batch["weights"][1] = batch["weights"][0]
     batch["ref_logps"] = torch.zeros_like(batch["weights"])
     cfg = train.TrainConfig(device="cpu")
+    logp, mask = ddpo.token_logps(model(batch["input_ids"], images=batch["images"],
+                                        image_index=batch["image_index"]), batch["labels"])
+    one_row = cfg.beta / 2 * ddpo.weighted_scores(logp, mask, batch["weights"], cfg.average)[0]
+    one_row.backward()
+    scale = max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
+    model.zero_grad()
     loss, _ = train.forward_loss(model, batch, cfg, "ddpo")
     loss.backward()
-    assert loss.item() == pytest.approx(0.693147, abs=1e-6)
-    assert max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None) < 1e-6
+    assert abs(loss.item() - math.log(2)) <= FP32_REL * abs(one_row.item())
+    assert max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None) <= FP32_REL * scale
