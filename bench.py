@@ -35,8 +35,8 @@ import torch
 import cli
 import ddpo
 import sample
-from model import CONFIGS, LLaMA, Muffin, peak_flops, train_flops
-from train import TrainConfig, autocast, forward_loss
+from model import CONFIGS, LLaMA, Muffin, autocast, peak_flops, train_flops
+from train import TrainConfig, forward_loss
 
 # name: (config, with the vision tower, default sizes). The <im_patch> id must be inside the vocabulary:
 # the real tokenizer appends it (vocab 32004); here the last id stands in for it, so that both 1.1B
@@ -137,7 +137,7 @@ def bench_model(label, model, forward, decode, set_ckpt, flops, c, vision, cfg):
     """The table rows of one model. forward(ids, images, image_index) -> logits serves the step and
     the reference pass; decode(ids, images, n) generates n tokens; set_ckpt(bool) toggles activation
     checkpointing. The model is left in bf16 on CUDA."""
-    cuda, tcfg, peak = cfg.device.startswith("cuda"), TrainConfig(), peak_flops(cfg.device)
+    cuda, tcfg, peak = cfg.device.startswith("cuda"), TrainConfig(stage="ddpo"), peak_flops(cfg.device)
     batch, tokens = ddpo_batch(c, vision, cfg.rows, cfg.seq, cfg.device), cfg.rows * cfg.seq
     fwd = torch.compile(forward) if cfg.compile else forward
     call = lambda ids, images, image_index: fwd(ids, images, image_index)  # forward_loss passes keywords
@@ -145,7 +145,7 @@ def bench_model(label, model, forward, decode, set_ckpt, flops, c, vision, cfg):
 
     def step():
         with autocast(cfg.device):
-            loss, _ = forward_loss(call, batch, tcfg, "ddpo")
+            loss, _ = forward_loss(call, batch, tcfg)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         opt.step()

@@ -230,9 +230,9 @@ class Batcher:
     row, an empty field, or a pair whose chosen equals its rejected (zero gradient) is skipped and
     counted in batch["skipped"]. Padding to a multiple of 8 keeps tensor cores busy."""
 
-    def __init__(self, tok, n_query, image_size, max_len, gamma=1.0, min_match=3, ref=None):
+    def __init__(self, tok, n_query, image_size, max_len, gamma=1.0, min_match=3):
         self.tok, self.n_query, self.image_size, self.max_len = tok, n_query, image_size, max_len
-        self.gamma, self.min_match, self.ref = gamma, min_match, ref
+        self.gamma, self.min_match = gamma, min_match
 
     def _prompt(self, item, keys, skipped):
         """The prompt ids of a usable item; None for an item to skip, its reason counted."""
@@ -248,24 +248,18 @@ class Batcher:
         return prompt
 
     def _pack(self, rows, images, image_index, skipped, ids):
-        """rows: (prompt, answer, weights, ref) -> padded tensors; weights/ref align with logp [T-1]."""
-        T = -(-max(len(p) + len(a) for p, a, _, _ in rows) // 8) * 8
+        """rows: (prompt, answer, weights) -> padded tensors; weights align with logp [T-1]."""
+        T = -(-max(len(p) + len(a) for p, a, _ in rows) // 8) * 8
         input_ids = torch.full((len(rows), T), self.tok.pad_id)
         labels = torch.full((len(rows), T), ddpo.IGNORE_INDEX)
-        weights, ref = torch.zeros(len(rows), T - 1), torch.zeros(len(rows), T - 1)
-        for j, (p, a, w, r) in enumerate(rows):
+        weights = torch.zeros(len(rows), T - 1)
+        for j, (p, a, w) in enumerate(rows):
             n = len(p) + len(a)
             input_ids[j, :n] = torch.tensor(p + a)
             labels[j, len(p):n] = torch.tensor(a)
             weights[j, len(p) - 1:n - 1] = w
-            if r is not None:
-                ref[j, len(p) - 1:n - 1] = r
-        batch = {"input_ids": input_ids, "labels": labels, "weights": weights,
-                 "images": torch.stack(images), "image_index": torch.tensor(image_index),
-                 "skipped": skipped, "ids": ids}
-        if self.ref is not None:
-            batch["ref_logps"] = ref
-        return batch
+        return {"input_ids": input_ids, "labels": labels, "weights": weights, "images": torch.stack(images),
+                "image_index": torch.tensor(image_index), "skipped": skipped, "ids": ids}
 
     def sft(self, items):
         rows, images, skipped, ids = [], [], {}, []
@@ -273,7 +267,7 @@ class Batcher:
             prompt = self._prompt(it, ("question", "answer"), skipped)
             if prompt is not None:
                 a = answer_ids(self.tok, it["answer"])[:self.max_len - len(prompt)]
-                rows.append((prompt, a, torch.ones(len(a)), None))
+                rows.append((prompt, a, torch.ones(len(a))))
                 images.append(image_tensor(it["image"], self.image_size))
                 ids.append(it["id"])
         return self._pack(rows, images, list(range(len(rows))), skipped, ids) if rows else {"skipped": skipped}
@@ -290,11 +284,8 @@ class Batcher:
             # first tokens of an answer then sits after a long match, not after a dropped short one
             wc, wr = (w[len(prompt):] for w in ddpo.token_weights(prompt + c, prompt + r, self.gamma,
                                                                    self.min_match))
-            ref_c = ref_r = None
-            if self.ref is not None:
-                ref_c, ref_r = self.ref.lookup(it["id"], min(len(c), room), min(len(r), room))
-            chosen.append((prompt, c[:room], wc[:room], ref_c))
-            rejected.append((prompt, r[:room], wr[:room], ref_r))
+            chosen.append((prompt, c[:room], wc[:room]))
+            rejected.append((prompt, r[:room], wr[:room]))
             images.append(image_tensor(it["image"], self.image_size))
             ids.append(it["id"])
         if not chosen:

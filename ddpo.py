@@ -37,18 +37,14 @@ def token_logps(logits, labels):
 def token_weights(chosen_ids, rejected_ids, gamma, min_match=3):
     """Per-token weights from the segment-level correction (paper Sec. 3.2, gamma of Eq. 5).
 
-    chosen_ids: the corrected answer's token ids (list of int); rejected_ids: the original answer's.
+    chosen_ids, rejected_ids: token ids (lists of int) of the corrected and the original answer.
     Returns (chosen_w [len(chosen_ids)], rejected_w [len(rejected_ids)]) float tensors, 1 or gamma.
-
-    There are no span annotations on disk, so the corrected segments are recovered by diffing the
-    two token sequences as RLHF-V does: matching blocks shorter than `min_match` tokens are dropped
-    (so two edits closer than that merge into one segment, the tokens between them included), and
-    each remaining gap is weighted gamma on both sides only if it is non-empty on both sides
-    (a substitution). Pure insertions and deletions keep weight 1, as in the original code.
-    autojunk=False, unlike difflib's default used by the original code: with autojunk, in sequences
-    of 200+ tokens every token more frequent than 1% may not seed a match, so the result would
-    depend on answer length and on how often common words repeat.
+    The corrected segments are recovered from the token diff, as RLHF-V does: matching blocks
+    shorter than min_match are dropped, and a gap between blocks weighs gamma on both sides only
+    if both sides are non-empty (a substitution); insertions and deletions keep weight 1.
     """
+    # autojunk=False, unlike the original code: with difflib's default, tokens frequent in a long
+    # answer cannot seed a match, so the weights would depend on the answer's length
     sm = difflib.SequenceMatcher(None, rejected_ids, chosen_ids, autojunk=False)
     blocks = [b for b in sm.get_matching_blocks() if b.size >= min_match or b.size == 0]
     chosen_w = torch.ones(len(chosen_ids))

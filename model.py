@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vision import BEiT3, BEiT3Config, config_from_weights, load_exact, read_weights
+from checkpoint import atomic_write, load_exact, read_checkpoint
+from vision import BEiT3, BEiT3Config, config_from_weights
 
 
 @dataclass
@@ -73,20 +74,29 @@ class MuffinConfig:
 
 
 # Named sizes. vocab_size and im_patch_id of the small ones are set from the tokenizer at run time.
-_VICUNA_13B = LLaMAConfig(32004, 5120, 13824, 40, 40)
-_TINYLLAMA = LLaMAConfig(32000, 2048, 5632, 22, 32, 4)
-_BEIT3_BASE = BEiT3Config()
 CONFIGS = {
     # CPU tests: seconds. GQA on, so the tests exercise it; 9 queries, one per cell of a 3x3 world.
-    "tiny": MuffinConfig(LLaMAConfig(512, 64, 128, 2, 4, 2, max_position_embeddings=512),
-                         BEiT3Config(32, 8, 32, 2, 2, 64), n_query=9, im_patch_id=509),
+    "tiny": MuffinConfig(
+        LLaMAConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+        BEiT3Config(img_size=32, patch_size=8, dim=32, depth=2, heads=2, ffn_dim=64),
+        n_query=9, im_patch_id=509),
     # the miniature RLHF-V of train.py: 48 px scenes of 3 x 3 cells, one 16 px patch and one query per cell
-    "mini": MuffinConfig(LLaMAConfig(512, 128, 256, 4, 4, 2, max_position_embeddings=512),
-                         BEiT3Config(48, 16, 96, 3, 3, 256), n_query=9, im_patch_id=509),
+    "mini": MuffinConfig(
+        LLaMAConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+        BEiT3Config(img_size=48, patch_size=16, dim=96, depth=3, heads=3, ffn_dim=256),
+        n_query=9, im_patch_id=509),
     # speed benchmarks: TinyLlama-1.1B's decoder, with a BEiT-3 base tower at 224 px
-    "llama-1.1b": MuffinConfig(_TINYLLAMA, _BEIT3_BASE),
-    # the paper's model: BEiT-3 L/16 at 448 px + Vicuna-13B
-    "muffin-13b": MuffinConfig(_VICUNA_13B, BEiT3Config(448, 16, 1024, 24, 16, 4096)),
+    "llama-1.1b": MuffinConfig(
+        LLaMAConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                    num_attention_heads=32, num_key_value_heads=4),
+        BEiT3Config()),
+    # the paper's model: BEiT-3 L/16 at 448 px + Vicuna-13B (LLaMA's 32000 tokens + Muffin's 4)
+    "muffin-13b": MuffinConfig(
+        LLaMAConfig(vocab_size=32004, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                    num_attention_heads=40),
+        BEiT3Config(img_size=448, patch_size=16, dim=1024, depth=24, heads=16, ffn_dim=4096)),
 }
 
 
@@ -183,19 +193,29 @@ class Block(nn.Module):
 class LLaMA(nn.Module):
     def __init__(self, config: LLaMAConfig):
         super().__init__()
-        self.config = self.llm_config = config
-        c = config
+        self.config = c = config
         self.model = nn.Module()  # transformers' LlamaModel: the names of the checkpoint keys
         self.model.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.model.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
         self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        self.tie_weights()
+        if c.tie_word_embeddings:
+            self.tie_weights()
         self.grad_checkpointing = False  # recompute each block's activations in backward
 
+    @property
+    def llm_config(self):
+        """The decoder's LLaMAConfig (a Muffin's own config holds it as .llm)."""
+        return self.config
+
+    @property
+    def cache_len(self):
+        """Slots of the KV cache set up by setup_cache; None without one."""
+        cache = self.model.layers[0].self_attn.kv_cache
+        return None if cache is None else cache.k.shape[2]
+
     def tie_weights(self):
-        if self.llm_config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, idx, input_pos=None, mask=None):
         """idx [B, T] token ids -> logits [B, T, vocab]."""
@@ -208,9 +228,8 @@ class LLaMA(nn.Module):
         c = self.llm_config
         pos = torch.arange(x.shape[1], device=x.device) if input_pos is None else input_pos
         rope = rope_tables(pos, c.head_dim, c.rope_theta, x.dtype)
-        cache = self.model.layers[0].self_attn.kv_cache
-        if cache is not None and mask is None:
-            mask = torch.arange(cache.k.shape[2], device=x.device)[None] <= pos[:, None]
+        if self.cache_len is not None and mask is None:
+            mask = torch.arange(self.cache_len, device=x.device)[None] <= pos[:, None]
         for layer in self.model.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, rope, mask, input_pos, use_reentrant=False)
@@ -248,12 +267,7 @@ class LLaMA(nn.Module):
         loaded tensors assigned, so the weights are in memory once."""
         with open(os.path.join(path, "config.json")) as f:
             d = json.load(f)
-        sd = read_checkpoint(path)
-        return cls._build(cls._config_from(d, sd, path), sd, path, dtype)
-
-    @classmethod
-    def _config_from(cls, d, sd, path):
-        return LLaMAConfig.from_hf(d)
+        return cls._build(LLaMAConfig.from_hf(d), read_checkpoint(path), path, dtype)
 
     @classmethod
     def _build(cls, config, sd, source, dtype):
@@ -263,11 +277,12 @@ class LLaMA(nn.Module):
         # transformers 4.2x saved RoPE's inv_freq; Muffin's BEiT-3 may keep its unused text embedding
         load_exact(model, sd, str(source), ignore=("rotary_emb.inv_freq", "text_embed.", "mask_token"),
                    optional=tied)
-        model.tie_weights()
+        if model.llm_config.tie_word_embeddings:
+            model.tie_weights()  # assign=True replaced the embedding the head shared
         return model.to(dtype) if dtype else model
 
     def config_dict(self):
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **asdict(self.config)}
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **asdict(self.llm_config)}
 
     def save_pretrained(self, path):
         """config.json + model.safetensors (transformers reads both), each written atomically."""
@@ -283,7 +298,7 @@ class LLaMA(nn.Module):
 class Muffin(LLaMA):
     def __init__(self, config: MuffinConfig):
         super().__init__(config.llm)
-        self.config = config
+        self.config = config  # from here on the MuffinConfig; the decoder's is self.llm_config
         self.model.vision_tower = nn.Module()
         self.model.vision_tower.beit3 = BEiT3(config.vision)
         self.model.query = nn.Parameter(torch.zeros(config.n_query, config.vision.dim))
@@ -320,12 +335,10 @@ class Muffin(LLaMA):
         nn.init.trunc_normal_(self.model.query, std=std)
         tower = self.model.vision_tower.beit3
         nn.init.trunc_normal_(tower.vision_embed.cls_token, std=std)
-        # From scratch at the miniature's widths, normal(0.02) q/k weights make every attention
-        # uniform (logit std 0.02^2 * dim ~ 0.04 at dim 96), so each query starts as the image's
-        # average, and position rows of std 0.02 vanish under the patch content: the queries then
-        # take thousands of steps to learn where to look. Logits of std ~4 (q/k std 2/sqrt(dim))
-        # and position rows of std 0.3 let them localise in a few hundred (rlhfv.pretrain_vision's
-        # task with 8 px patches, cells right after 300 steps: 72% = "all empty" before, 87% after).
+        # At small widths normal(0.02) q/k weights make every attention uniform (logit std
+        # 0.02^2 * dim), so each query starts as the image's average, and position rows of std 0.02
+        # vanish under the patch content: the queries would be slow to learn where to look. Logits
+        # of std ~4 (q/k std 2/sqrt(dim)) and position rows of std 0.3 break that symmetry.
         for layer in tower.encoder.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
                 for expert in (proj.A, proj.B):
@@ -335,55 +348,29 @@ class Muffin(LLaMA):
         return self
 
     @classmethod
-    def _config_from(cls, d, sd, path):
-        if "llm" in d:  # ours
-            return MuffinConfig.from_dict(d)
-        # the official release: a LLaMA config.json plus mm_* fields; the tower's shape comes
-        # from its weights, the <im_patch> id from added_tokens.json
+    def from_pretrained(cls, path, dtype=None):
+        """Ours (config.json with "llm" and "vision") or the official release: a LLaMA config.json
+        plus mm_* fields, the tower's shape read off its weights, the <im_patch> id from
+        added_tokens.json. Weights as LLaMA.from_pretrained reads them."""
+        with open(os.path.join(path, "config.json")) as f:
+            d = json.load(f)
+        sd = read_checkpoint(path)
+        if "llm" in d:
+            return cls._build(MuffinConfig.from_dict(d), sd, path, dtype)
         prefix = "model.vision_tower.beit3."
         vision = config_from_weights({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
         added = os.path.join(path, "added_tokens.json")
         patch_id = json.load(open(added)).get("<im_patch>", 32001) if os.path.exists(added) else 32001
-        return MuffinConfig(LLaMAConfig.from_hf(d), BEiT3Config(**vision),
-                            d.get("num_query", sd["model.query"].shape[0]), patch_id)
+        config = MuffinConfig(LLaMAConfig.from_hf(d), BEiT3Config(**vision),
+                              d.get("num_query", sd["model.query"].shape[0]), patch_id)
+        return cls._build(config, sd, path, dtype)
+
+    @property
+    def llm_config(self):
+        return self.config.llm
 
     def config_dict(self):
         return {"model_type": "nanorlhfv-muffin", **asdict(self.config)}
-
-
-def read_checkpoint(path):
-    """All tensors of a checkpoint directory: a shard index (safetensors or .bin) or one file."""
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if os.path.exists(os.path.join(path, index)):
-            with open(os.path.join(path, index)) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            sd = {}
-            for shard in shards:
-                sd.update(read_weights(os.path.join(path, shard)))
-            return sd
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.exists(os.path.join(path, name)):
-            return read_weights(os.path.join(path, name))
-    raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin or shard index")
-
-
-def atomic_write(path, content):
-    """Write content (bytes, str, or a function that writes the file at the path it is given) to a
-    temporary file, fsync it, then rename it over path: a crash leaves the old file or the new."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        if callable(content):
-            content(tmp)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(content.encode() if isinstance(content, str) else content)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # an error or Ctrl-C half-way: no partial file left behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def train_flops(model, n_tokens, n_images=0):
@@ -407,6 +394,11 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (over fp32 master weights); plain fp32 on the CPU."""
+    return torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
 
 
 def sized(name, vocab_size=None, im_patch_id=None):

@@ -83,11 +83,8 @@ def gather(obj, world):
     return out
 
 
-def average(window, world):
-    """The log window's metrics over the ranks: counts ("tokens", "rows") summed, the rest averaged;
-    one all_reduce per log line."""
-    if world == 1:
-        return window
-    sums = torch.stack([v.float() for v in window.values()])
-    dist.all_reduce(sums)
-    return {k: v / (1 if k in ("tokens", "rows") else world) for k, v in zip(window, sums)}
+def sum_over_ranks(x, world):
+    """A tensor summed over the ranks (itself with one process): one all_reduce."""
+    if world > 1:
+        dist.all_reduce(x)
+    return x

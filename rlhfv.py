@@ -7,13 +7,13 @@
 world + tokenizer -> the tower learns to see (BEiT-3's pre-training, in miniature) -> SFT on noisy
 captions (the reference model) -> its answers on new scenes, corrected segment by segment -> DDPO
 (and the ablation arms) -> evaluation on held-out scenes -> table, results.json, report.png. The
-training stages are calls into train.py (train, autocast) and sample.py.
+training stages are calls of train.train, which train.py hands to `run`, and of sample.generate.
 """
 import itertools
 import json
 import os
 import random
-from dataclasses import asdict
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -21,13 +21,14 @@ import torch.nn.functional as F
 
 import world
 from data import SYSTEM, Tokenizer, image_tensor, load_image, train_tokenizer
-from model import Muffin, atomic_write, sized
+from checkpoint import atomic_write
+from model import Muffin, autocast, sized
 from sample import generate
-from train import TrainConfig, autocast, train
 
 
-def run(cfg):
-    """Every stage of the module docstring, each skipped when its output is already on disk."""
+def run(cfg, train):
+    """Every stage of the module docstring, each skipped when its output is already on disk.
+    cfg: train.py's TrainConfig; train: train.py's training loop, called with one config a stage."""
     out, wdir = cfg.out_dir, os.path.join(cfg.out_dir, "world")
     n_sft = cfg.n_train // 2  # the first half teaches (SFT), the second is described and corrected
     train_scenes, test_scenes = world.make_world(cfg.seed, cfg.n_train, cfg.n_test)
@@ -35,14 +36,15 @@ def run(cfg):
     if not os.path.exists(tok_file):
         build_world(cfg, wdir, train_scenes[:n_sft], train_scenes, test_scenes)
     tok = Tokenizer(tok_file)
-    stage = lambda name, **kw: TrainConfig(**{**asdict(cfg), "resume": True, "out_dir": os.path.join(out, name),
-                                              "freeze_vision": True, **kw})
+    def stage_config(name, **kw):  # every stage resumes where it stopped; the tower stays frozen
+        return replace(cfg, resume=True, out_dir=os.path.join(out, name), freeze_vision=True, **kw)
+
     vision_dir, sft_dir = os.path.join(out, "vision"), os.path.join(out, "sft")
     if not finished(vision_dir):
         pretrain_vision(cfg, tok, train_scenes[:n_sft], vision_dir)
     if not finished(sft_dir):
-        train(stage("sft", data=os.path.join(wdir, "sft.jsonl"), tokenizer=tok_file, init=vision_dir,
-                    steps=cfg.sft_steps, lr=cfg.sft_lr, max_len=512), "sft")
+        train(stage_config("sft", stage="sft", data=os.path.join(wdir, "sft.jsonl"), tokenizer=tok_file,
+                           init=vision_dir, steps=cfg.sft_steps, lr=cfg.sft_lr, max_len=512))
     pairs = os.path.join(out, "collect", "pairs.jsonl")
     if not os.path.exists(pairs):
         collect(cfg, tok, sft_dir, train_scenes[n_sft:], n_sft, pairs)
@@ -51,8 +53,8 @@ def run(cfg):
         arms.update(dpo=("ddpo", pairs, 1.0), sft_corrected=("sft", pairs[:-6] + "_sft.jsonl", cfg.gamma))
     for name, (kind, data, gamma) in arms.items():
         if not finished(os.path.join(out, name)):
-            train(stage(name, data=data, init=sft_dir, gamma=gamma, max_len=512,
-                        ref_cache=os.path.join(out, "collect", "ref_logps.safetensors")), kind)
+            train(stage_config(name, stage=kind, data=data, init=sft_dir, gamma=gamma, max_len=512,
+                               ref_cache=os.path.join(out, "collect", "ref_logps.safetensors")))
     results = {name: evaluate(cfg, tok, os.path.join(out, name), test_scenes)
                for name in ["sft", *arms]}
     report(cfg, results, arms)
@@ -83,14 +85,13 @@ def build_world(cfg, wdir, sft_scenes, train_scenes, test_scenes):
 
 def pretrain_vision(cfg, tok, scenes, path, batch=64):
     """Muffin starts from a pre-trained BEiT-3; ours starts from nothing, and trained through the
-    queries by captions alone it learns to see far slower than the decoder learns the captions'
-    prior (the SFT model then describes the scene it expects, not the one it sees). So the tower and
-    its queries first learn the scenes directly: query i says what is in cell i of the grid (empty,
-    or one shape x colour x size) and which cell it is looking at, through a linear head that is
-    then dropped. The decoder stays fresh; the whole model is saved for SFT to start from, and the
-    tower and queries stay frozen from then on (trained on, the tower is scrambled by the fresh
-    decoder's early gradients: SFT loss 0.42 after 1,000 steps, against 0.36 after 600 frozen;
-    frozen queries spare SFT the backward pass through the tower, 0.37 against 0.39 s a step)."""
+    queries by captions alone it would learn to see far slower than the decoder learns the
+    captions' prior (the SFT model would describe the scene it expects, not the one it sees). So the
+    tower and its queries first learn the scenes directly: query i says what is in cell i of the
+    grid (empty, or one shape x colour x size) and which cell it is looking at, through a linear
+    head that is then dropped. The decoder stays fresh; the whole model is saved for SFT to start
+    from, which keeps the tower and queries frozen (a fresh decoder's early gradients would scramble
+    what the tower learnt, and frozen queries spare SFT the backward pass through the tower)."""
     torch.manual_seed(cfg.seed)
     model = Muffin(sized(cfg.model, tok.vocab_size, tok.im_patch_id)).init_weights().to(cfg.device)
     tower, query, size = model.model.vision_tower.beit3, model.model.query, cfg.image_size

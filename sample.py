@@ -53,7 +53,7 @@ def next_token(logits, seen, temperature, top_p, repetition_penalty):
 
 def decode_step(model, tokens, pos, pad, seen, settings):
     """One token for every row: tokens [B] at cache slot pos (a 1-element tensor)."""
-    slots = torch.arange(model.model.layers[0].self_attn.kv_cache.k.shape[2], device=tokens.device)
+    slots = torch.arange(model.cache_len, device=tokens.device)
     mask = ((slots <= pos) & (slots >= pad[:, None]))[:, None, None, :]
     logits = model(tokens[:, None], input_pos=pos, mask=mask)[:, -1].float()
     return next_token(logits, seen, *settings)

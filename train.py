@@ -28,8 +28,10 @@ from torch.nn.parallel import DistributedDataParallel
 import cli
 import ddpo
 import parallel
+import rlhfv
+from checkpoint import atomic_write
 from data import Batcher, Records, Tokenizer, check_tokenizer
-from model import Muffin, atomic_write, peak_flops, sized, train_flops
+from model import Muffin, autocast, peak_flops, sized, train_flops
 
 
 @dataclass
@@ -50,10 +52,10 @@ class TrainConfig:
     sft_weight: float = 0.0  # + weight * NLL of the chosen answer (0 in the paper)
     ref_cache: str = ""      # default: <out_dir>/ref_logps.safetensors
     # optimisation (paper: lr 5e-7, batch 32, 320 steps, warm-up 10%, clip 1, all params trained)
-    steps: int = 100         # the miniature's DDPO (seed 0: 9.7% hallucinated after 100, 9.2% after 150)
+    steps: int = 100         # the miniature's DDPO; SFT stages of the miniature use sft_steps
     batch_size: int = 32     # pairs (ddpo) or answers (sft) per micro-batch
     grad_accum: int = 1
-    lr: float = 5e-6         # the miniature's DDPO (1e-5 for 300 steps over-corrects into undercounting)
+    lr: float = 5e-6         # the miniature's DDPO: small enough not to over-learn one direction of correction
     warmup: float = 0.1      # fraction of steps; then cosine to 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -71,18 +73,18 @@ class TrainConfig:
     n_test: int = 1000       # held-out scenes for evaluation
     image_size: int = 48
     vision_steps: int = 800  # the tower learns to see first (rlhfv.pretrain_vision)
-    vision_lr: float = 1e-3  # (2e-3: 95.7 / 86.4% of held-out cells right after 800 steps, seeds 1 / 2)
+    vision_lr: float = 1e-3  # the tower's own rate: at SFT's it learns to see less reliably
     sft_steps: int = 1000
-    sft_lr: float = 2e-3     # (seed 0, same tower: 1e-3 -> 28.5% of answers hallucinated, 2e-3 -> 22.0%)
+    sft_lr: float = 2e-3     # above the tower's rate: the fresh decoder learns to read the queries better
     ablation: bool = False   # also run vanilla DPO (gamma 1) and SFT on the corrected answers
 
 
-def lr_at(step, cfg, lr):
+def lr_at(step, cfg):
     """Linear warm-up, then cosine decay to 0 at cfg.steps."""
     warm = max(1, int(cfg.warmup * cfg.steps))
     if step < warm:
-        return lr * (step + 1) / warm
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
+        return cfg.lr * (step + 1) / warm
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
 
 
 def batches(records, collate, cfg, start, rank=0, world=1):
@@ -103,11 +105,11 @@ def batches(records, collate, cfg, start, rank=0, world=1):
         epoch, skip = epoch + 1, 0
 
 
-def forward_loss(model, batch, cfg, stage):
+def forward_loss(model, batch, cfg):
     """The loss of one micro-batch and its metrics (0-d tensors)."""
     logits = model(batch["input_ids"], images=batch["images"], image_index=batch["image_index"])
     logp, mask = ddpo.token_logps(logits, batch["labels"])
-    if stage == "sft":
+    if cfg.stage == "sft":
         nll = -logp.sum() / mask.sum()
         return nll, {"loss": nll.detach()}
     B = len(logp) // 2  # chosen rows, then rejected rows
@@ -128,16 +130,23 @@ class RefCache:
     def __init__(self, path, tensors):
         self.path, self.tensors = path, tensors
 
-    def lookup(self, sid, n_chosen, n_rejected):
-        c, r = self.tensors.get(f"{sid}/chosen"), self.tensors.get(f"{sid}/rejected")
-        if c is None or r is None:
-            raise ValueError(f"{self.path}: no reference log-probs for sample {sid}: the data changed "
-                             "since the cache was computed; delete the file to recompute it")
-        if (len(c), len(r)) != (n_chosen, n_rejected):
-            raise ValueError(f"{self.path}: sample {sid} has {len(c)}/{len(r)} cached tokens but "
-                             f"{n_chosen}/{n_rejected} now (another tokenizer or max_len?); delete the "
-                             "file to recompute it")
-        return c, r
+    def logps(self, batch):
+        """The reference log-probs of a pairs batch, [2B, T-1] like the policy's token_logps: row j's
+        cached tokens go where its labels are (chosen rows, then rejected rows)."""
+        mask = batch["labels"][:, 1:] != ddpo.IGNORE_INDEX
+        out, B = torch.zeros(mask.shape), len(batch["ids"])
+        for j, sid in enumerate(batch["ids"]):
+            c, r = self.tensors.get(f"{sid}/chosen"), self.tensors.get(f"{sid}/rejected")
+            if c is None or r is None:
+                raise ValueError(f"{self.path}: no reference log-probs for sample {sid}: the data changed "
+                                 "since the cache was computed; delete the file to recompute it")
+            now = (int(mask[j].sum()), int(mask[B + j].sum()))
+            if (len(c), len(r)) != now:
+                raise ValueError(f"{self.path}: sample {sid} has {len(c)}/{len(r)} cached tokens but "
+                                 f"{now[0]}/{now[1]} now (another tokenizer or max_len?); delete the "
+                                 "file to recompute it")
+            out[j][mask[j]], out[B + j][mask[B + j]] = c, r
+        return out
 
 
 @torch.no_grad()
@@ -170,11 +179,6 @@ def reference_logps(model, records, batcher, cfg, rank=0, world=1):
         atomic_write(path, lambda p: save_file(out, p, {"init": cfg.init, "data": cfg.data}))
     model.train(was_training)
     return RefCache(path, out)
-
-
-def autocast(device):
-    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on the CPU."""
-    return torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda"))
 
 
 def to_device(batch, device):
@@ -212,15 +216,14 @@ def save(model, tok_file, path, state=None):
         atomic_write(os.path.join(path, "state.pt"), lambda p: torch.save(state, p))
 
 
-def train(cfg, stage):
-    """SFT (teacher-forced NLL of the answers) or DDPO on cfg.data; returns the trained model.
-    Under torchrun: data parallel over the ranks, with DDP, or with FSDP2 given --fsdp."""
+def train(cfg):
+    """SFT (teacher-forced NLL of the answers) or DDPO on cfg.data, as cfg.stage says; returns the
+    trained model. Under torchrun: data parallel over the ranks, with DDP, or with FSDP2 given --fsdp."""
     rank, world = parallel.setup(cfg)
     tok_file = cfg.tokenizer or os.path.join(cfg.init, "tokenizer.model")
     tok = Tokenizer(tok_file)
     model, state = load_model(cfg, tok)
     check_tokenizer(tok, model.config, tok_file)  # so no id the data makes can fall outside the embedding
-    c = model.config
     for part in (model.model.vision_tower, model.model.query):  # before sharding: FSDP2 reads it
         part.requires_grad_(not cfg.freeze_vision)
     model.grad_checkpointing = cfg.grad_ckpt
@@ -230,56 +233,43 @@ def train(cfg, stage):
     else:
         model.to(cfg.device)
     records = Records(cfg.data)
-    batcher = Batcher(tok, c.n_query, c.vision.img_size, cfg.max_len, cfg.gamma, cfg.min_match)
-    if stage == "ddpo":
-        batcher.ref = reference_logps(model, records, batcher, cfg, rank, world)
+    batcher = Batcher(tok, model.config.n_query, model.config.vision.img_size, cfg.max_len, cfg.gamma,
+                      cfg.min_match)
+    ref = reference_logps(model, records, batcher, cfg, rank, world) if cfg.stage == "ddpo" else None
     if sharded:
         model.reshard()  # FSDP2 leaves the root's gathered weights registered after a forward
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=cfg.weight_decay, fused=cfg.device.startswith("cuda"))
-    step = 0
-    if state is not None and "dcp" in state:  # a sharded checkpoint, saved on any number of ranks
-        state = parallel.load_sharded(model, opt, state["dcp"])
-    elif state is not None:
-        opt.load_state_dict(state["optimizer"])
-    if state is not None:
-        torch.set_rng_state(state["rng"])
-        step = state["step"]
+    step = restore(state, model, opt)
     fwd = torch.compile(model) if cfg.compile else model
     fwd = DistributedDataParallel(fwd) if ddp else fwd  # `model` stays unwrapped, for saving
-    data = batches(records, batcher.sft if stage == "sft" else batcher.pairs, cfg, step * cfg.grad_accum,
-                   rank, world)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
-    peak, flops = peak_flops(cfg.device), 0.0
-    per_token, per_image = train_flops(model, 1, 0), train_flops(model, 0, 1)  # for MFU
-    skipped, window, t0, t_start, start_step = {}, {}, time.time(), time.time(), step
+    data = batches(records, batcher.sft if cfg.stage == "sft" else batcher.pairs, cfg,
+                   step * cfg.grad_accum, rank, world)
+    window, skipped = LogWindow(cfg, model, tok.pad_id, rank, world, step), {}
     model.train()
     while step < cfg.steps:
-        lr = lr_at(step, cfg, cfg.lr)
+        lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
         for micro in range(cfg.grad_accum):
             batch = next(data)
             for k, v in batch.pop("skipped").items():
                 skipped[k] = skipped.get(k, 0) + v
-            if "input_ids" not in batch and world > 1:  # the ranks would fall out of step
-                raise RuntimeError(f"rank {rank}, step {step + 1}: every row of a micro-batch was skipped")
-            if "input_ids" not in batch:
-                continue  # every row of this micro-batch was skipped
+            if "input_ids" not in batch:  # every row of this micro-batch was skipped
+                if world > 1:  # the ranks would fall out of step
+                    raise RuntimeError(f"rank {rank}, step {step + 1}: every row of a micro-batch was skipped")
+                continue
+            if ref is not None:
+                batch["ref_logps"] = ref.logps(batch)
             batch = to_device(batch, cfg.device)
             # DDP all-reduces gradients during backward; before the last micro-step that traffic
             # would be wasted (the sum is not finished), so no_sync() lets them accumulate locally
             with fwd.no_sync() if ddp and micro < cfg.grad_accum - 1 else contextlib.nullcontext():
                 with autocast(cfg.device):
-                    loss, metrics = forward_loss(fwd, batch, cfg, stage)
+                    loss, metrics = forward_loss(fwd, batch, cfg)
                 (loss / cfg.grad_accum).backward()
-            metrics["tokens"] = (batch["input_ids"] != tok.pad_id).sum()
-            metrics["rows"] = torch.tensor(float(len(batch["input_ids"])))
-            flops += per_token * batch["input_ids"].numel() + per_image * len(batch["images"])
-            for k, v in metrics.items():  # summed on the device: no host sync per micro-step
-                window[k] = window.get(k, 0) + v.float()
+            window.add(batch, metrics)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
         norm = norm.full_tensor() if sharded else norm  # FSDP2: a DTensor, reduced over the shards
         # one host sync per step, so a NaN never reaches the weights; the norm is global (after DDP's
@@ -290,33 +280,7 @@ def train(cfg, stage):
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        window["grad_norm"] = window.get("grad_norm", 0) + norm
-        if (step % cfg.log_every == 0 or step == cfg.steps) and "loss" not in window:
-            window, t0, flops = {}, time.time(), 0.0  # every row since the last line was skipped (counted)
-        elif step % cfg.log_every == 0 or step == cfg.steps:
-            n, dt = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every, time.time() - t0
-            window = parallel.average(window, world)
-            rec = {k: v.item() / (n * (1 if k in ("tokens", "rows", "grad_norm") else cfg.grad_accum))
-                   for k, v in window.items()}
-            tok_s = rec.pop("tokens") * n / dt
-            rows_s = rec.pop("rows") * n / dt
-            rec.update(step=step, lr=lr, tokens_per_s=tok_s, mfu=peak and flops / dt / peak)
-            if stage == "ddpo":
-                rec["pairs_per_s"] = rows_s / 2  # a pair is two rows
-            else:
-                rec["rows_per_s"] = rows_s
-            elapsed = time.time() - t_start
-            eta = elapsed / (step - start_step) * (cfg.steps - step)
-            if rank == 0:
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                print(f"{stage} {step}/{cfg.steps} loss {rec['loss']:.4f}"
-                      + (f" margin {rec['rewards/margins']:.3f} acc {rec['rewards/accuracies']:.2f}"
-                         if stage == "ddpo" else "")
-                      + f" lr {lr:.2e} | {tok_s:,.0f} tok/s"
-                      + (f" mfu {rec['mfu']:.1%}" if peak else "")
-                      + f" | {elapsed:.0f}s, eta {eta:.0f}s", flush=True)
-            window, t0, flops = {}, time.time(), 0.0
+        window.step(step, lr, norm)
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(model, opt, step, cfg, tok_file)
     model = parallel.unsharded(model) if sharded else model
@@ -324,9 +288,76 @@ def train(cfg, stage):
     skipped = {k: sum(part.get(k, 0) for part in counts) for part in counts for k in part}
     if rank == 0:
         save(model, tok_file, cfg.out_dir)
-    if skipped and rank == 0:
-        print(f"{stage}: skipped rows: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())))
+        if skipped:
+            print(f"{cfg.stage}: skipped rows: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())))
     return model
+
+
+def restore(state, model, opt):
+    """Optimizer state and RNG of a resumed run into `opt`; -> the step to continue from (0 when new)."""
+    if state is None:
+        return 0
+    if "dcp" in state:  # a sharded checkpoint, saved on any number of ranks
+        state = parallel.load_sharded(model, opt, state["dcp"])
+    else:
+        opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state["step"]
+
+
+class LogWindow:
+    """The metrics of the steps since the last log line, summed on the device (no host sync per
+    micro-step), written to <out_dir>/log.jsonl and printed every cfg.log_every steps, averaged
+    over the micro-steps and the ranks; tokens/s and MFU over the window's wall time."""
+
+    def __init__(self, cfg, model, pad_id, rank, world, step):
+        self.cfg, self.pad_id, self.rank, self.world = cfg, pad_id, rank, world
+        self.peak, self.t_start, self.start_step = peak_flops(cfg.device), time.time(), step
+        self.per_token, self.per_image = train_flops(model, 1, 0), train_flops(model, 0, 1)
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        self.file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
+        self.reset()
+
+    def reset(self):
+        self.sums, self.grad_norm, self.tokens, self.rows, self.micro = {}, 0, 0, 0, 0
+        self.flops, self.t0 = 0.0, time.time()
+
+    def add(self, batch, metrics):
+        """One micro-step's metrics (0-d tensors) and the size of its batch."""
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0) + v.float()
+        self.tokens = self.tokens + (batch["input_ids"] != self.pad_id).sum()
+        self.rows, self.micro = self.rows + len(batch["input_ids"]), self.micro + 1
+        self.flops += self.per_token * batch["input_ids"].numel() + self.per_image * len(batch["images"])
+
+    def step(self, step, lr, grad_norm):
+        cfg = self.cfg
+        self.grad_norm = self.grad_norm + grad_norm
+        if step % cfg.log_every and step != cfg.steps:
+            return
+        if self.micro:  # else every row since the last line was skipped (and counted)
+            self.write(step, lr, cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)
+        self.reset()
+
+    def write(self, step, lr, n_steps):
+        cfg, dt, ddpo_stage = self.cfg, time.time() - self.t0, self.cfg.stage == "ddpo"
+        rows = torch.tensor(float(self.rows), device=self.tokens.device)
+        sums = torch.stack([*self.sums.values(), self.tokens.float(), rows])
+        *means, tokens, rows = parallel.sum_over_ranks(sums, self.world).tolist()  # one host sync
+        rec = {k: v / (self.micro * self.world) for k, v in zip(self.sums, means)}
+        rec.update(grad_norm=self.grad_norm.item() / n_steps, step=step, lr=lr, tokens_per_s=tokens / dt,
+                   mfu=self.peak and self.flops / dt / self.peak)
+        rec["pairs_per_s" if ddpo_stage else "rows_per_s"] = rows / dt / (2 if ddpo_stage else 1)
+        if self.rank != 0:
+            return
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        elapsed = time.time() - self.t_start
+        eta = elapsed / (step - self.start_step) * (cfg.steps - step)
+        print(f"{cfg.stage} {step}/{cfg.steps} loss {rec['loss']:.4f}"
+              + (f" margin {rec['rewards/margins']:.3f} acc {rec['rewards/accuracies']:.2f}" if ddpo_stage else "")
+              + f" lr {lr:.2e} | {tokens / dt:,.0f} tok/s" + (f" mfu {rec['mfu']:.1%}" if self.peak else "")
+              + f" | {elapsed:.0f}s, eta {eta:.0f}s", flush=True)
 
 
 def save_checkpoint(model, opt, step, cfg, tok_file):
@@ -351,19 +382,18 @@ def save_checkpoint(model, opt, step, cfg, tok_file):
 def main(argv):
     cfg = cli.parse_args(TrainConfig, argv, paths=("data", "init", "tokenizer"))
     if cfg.stage == "rlhfv":
-        from rlhfv import run  # the miniature's stages, written on top of this file
-        run(cfg)
+        rlhfv.run(cfg, train)
     elif cfg.stage in ("sft", "ddpo"):
         if not cfg.data or (cfg.stage == "ddpo" and not cfg.init):
-            raise SystemExit(f"--stage={cfg.stage} needs --data" + (" and --init" if cfg.stage == "ddpo" else ""))
-        train(cfg, cfg.stage)
+            raise cli.UsageError(f"--stage={cfg.stage} needs --data" + (" and --init" if cfg.stage == "ddpo" else ""))
+        train(cfg)
         if torch.distributed.is_initialized():
-            # all ranks at once: a rank that tore gloo down while rank 0 was still saving once died
-            # in the teardown (SIGABRT, "terminate called without an active exception")
+            # all ranks at once: a rank that tears gloo down while rank 0 is still saving can die
+            # in the teardown
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
     else:
-        raise SystemExit(f"--stage must be rlhfv, sft or ddpo, not {cfg.stage!r}")
+        raise cli.UsageError(f"--stage must be rlhfv, sft or ddpo, not {cfg.stage!r}")
 
 
 if __name__ == "__main__":

@@ -9,17 +9,16 @@ Sub-LN: a LayerNorm before the attention output projection and another before fc
     tower = BEiT3.from_pretrained("beit3_large_patch16_224.pth", img_size=448)
     h = tower(images, extra=queries)   # [B, 1 + patches + N, D]
 
-Also home of the weight-file helpers shared with model.py: `read_weights` (safetensors, or
-torch.load with weights_only=True: a pickle that would run code is refused) and `load_exact`.
 Tests: python -m pytest tests/test_vision.py
 """
 import math
-import pickle
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from checkpoint import load_exact, read_weights
 
 
 @dataclass
@@ -115,6 +114,16 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.layer_norm = Multiway(lambda: nn.LayerNorm(cfg.dim, eps=cfg.eps))
 
+    def forward(self, x, split):
+        """x [B, T, D]: `split` image tokens, then the extra tokens. Positions start at 2 (fairseq's
+        convention), counted separately in each expert's table."""
+        pos_a = self.embed_positions.A.weight[2:2 + split]
+        pos_b = self.embed_positions.B.weight[2:2 + x.shape[1] - split]
+        x = x + torch.cat([pos_a, pos_b])
+        for layer in self.layers:
+            x = layer(x, split)
+        return self.layer_norm(x, split)
+
 
 class BEiT3(nn.Module):
     def __init__(self, cfg: BEiT3Config):
@@ -128,14 +137,9 @@ class BEiT3(nn.Module):
         Returns the final hidden states [B, 1 + patches + N, D]."""
         x = self.vision_embed(images)
         split = x.shape[1]
-        pos = self.encoder.embed_positions
-        # fairseq convention: positions start at 2, separately in each expert's table
-        x = x + pos.A.weight[2:2 + split]
         if extra is not None:
-            x = torch.cat([x, extra + pos.B.weight[2:2 + extra.shape[1]]], dim=1)
-        for layer in self.encoder.layers:
-            x = layer(x, split)
-        return self.encoder.layer_norm(x, split)
+            x = torch.cat([x, extra], dim=1)
+        return self.encoder(x, split)
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
@@ -183,46 +187,3 @@ def resize_positions(sd, cfg):
     grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(new * new, -1).to(table.dtype)
     return {**sd, "encoder.embed_positions.A.weight": torch.cat([table[:3], grid])}
-
-
-def read_weights(path):
-    """A flat {name: tensor} from .safetensors, or .pth/.bin/.pt through torch.load(weights_only=True),
-    which refuses any pickle that would construct arbitrary objects (i.e. run code)."""
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # mmap needs the zip format; legacy files load without it
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refused to load (weights_only=True): {e}") from None
-    for wrapper in ("model", "module", "state_dict"):
-        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
-            sd = sd[wrapper]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: not a flat state dict of tensors")
-    return sd
-
-
-def load_exact(module, sd, source, ignore=(), optional=()):
-    """Load sd into module (built on the meta device; tensors are assigned, not copied).
-    Any missing, unexpected or mis-shaped key raises one error that lists them all. Keys containing
-    a string of `ignore` are dropped; keys in `optional` may be missing (e.g. a tied head)."""
-    sd = {k: v for k, v in sd.items() if not any(s in k for s in ignore)}
-    want = module.state_dict()
-    missing = sorted(k for k in want if k not in sd and k not in optional)
-    unexpected = sorted(k for k in sd if k not in want)
-    shapes = sorted(f"{k}: {tuple(sd[k].shape)} (expected {tuple(want[k].shape)})"
-                    for k in sd if k in want and sd[k].shape != want[k].shape)
-    if missing or unexpected or shapes:
-        lines = [f"{source}: checkpoint does not fit {type(module).__name__}"]
-        for name, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                           ("mis-shaped keys", shapes)):
-            if keys:
-                lines.append(f"  {name} ({len(keys)}): " + ", ".join(keys[:20])
-                             + (" ..." if len(keys) > 20 else ""))
-        raise ValueError("\n".join(lines))
-    module.load_state_dict(sd, strict=False, assign=True)

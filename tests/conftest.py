@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import train  # noqa: E402
 import world  # noqa: E402
 from data import SYSTEM, train_tokenizer  # noqa: E402
 from model import Muffin, sized  # noqa: E402
@@ -26,6 +27,14 @@ def assert_close_at_scale(actual, expected, rel=FP32_REL, msg=None):
     the whole compared tensor, so that entries near 0 are not held to a tighter bound than rounding
     of the large ones allows."""
     torch.testing.assert_close(actual, expected, rtol=0, atol=rel * expected.abs().max().item(), msg=msg)
+
+
+def ddpo_config(tmp_path, dataset, init_ckpt, **kw):
+    """A short DDPO run of the tiny model on the `dataset` pairs, in <tmp_path>/run; kw overrides."""
+    base = dict(stage="ddpo", data=str(dataset / "pairs.jsonl"), init=str(init_ckpt),
+                out_dir=str(tmp_path / "run"), steps=4, batch_size=4, lr=1e-3, warmup=0.0,
+                log_every=1, save_every=100, device="cpu")
+    return train.TrainConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="session")

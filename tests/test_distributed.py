@@ -31,7 +31,7 @@ def setup(tok, dataset, tmp_path_factory):
     Muffin(sized("tiny", tok.vocab_size, tok.im_patch_id)).init_weights().save_pretrained(d / "init")
     (d / "init" / "tokenizer.model").write_bytes(tok.sp.serialized_model_proto())
     opts = dict(BASE, data=str(dataset / "pairs.jsonl"), init=str(d / "init"))
-    train.train(train.TrainConfig(**opts, batch_size=4, out_dir=str(d / "single")), "ddpo")
+    train.train(train.TrainConfig(**opts, batch_size=4, out_dir=str(d / "single")))
     return d, opts
 
 
@@ -95,7 +95,7 @@ def test_sharded_checkpoint_resumes_on_1_and_on_2_ranks(setup):
     assert ranks(opts, str(cut), stop_after=2, batch_size=2, fsdp=True, save_every=2) != 0
     assert (cut / "latest").read_text() == "ckpt-2" and (cut / "ckpt-2" / ".metadata").exists()
     shutil.copytree(cut, d / "cut1")
-    train.train(train.TrainConfig(**opts, batch_size=4, fsdp=True, resume=True, out_dir=str(d / "cut1")), "ddpo")
+    train.train(train.TrainConfig(**opts, batch_size=4, fsdp=True, resume=True, out_dir=str(d / "cut1")))
     ranks(opts, str(cut), batch_size=2, fsdp=True, resume=True)
     want = logged(d / "single")
     for run in (d / "cut1", cut):

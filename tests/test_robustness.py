@@ -24,7 +24,9 @@ import cli
 import sample
 import train
 from data import Batcher, Records, load_image, prompt_ids
-from model import Muffin, atomic_write, sized
+from checkpoint import atomic_write
+from conftest import ddpo_config as config
+from model import Muffin, sized
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,13 +47,6 @@ def pairs_file(path, dataset, rows):
 def good_rows(dataset, n):
     with open(dataset / "pairs.jsonl") as f:
         return [{k: v for k, v in json.loads(line).items() if k != "image"} for line in f][:n]
-
-
-def config(tmp_path, dataset, init_ckpt, **kw):
-    base = dict(stage="ddpo", data=str(dataset / "pairs.jsonl"), init=str(init_ckpt),
-                out_dir=str(tmp_path / "run"), steps=4, batch_size=4, lr=1e-3, warmup=0.0,
-                log_every=1, save_every=100, device="cpu")
-    return train.TrainConfig(**{**base, **kw})
 
 
 # ------------------------------------------------------------------------------------- images
@@ -179,7 +174,7 @@ def test_a_run_counts_skipped_rows_and_survives_a_batch_with_none_left(tmp_path,
     data = pairs_file(tmp_path / "d.jsonl", dataset, rows + [{**rows[0], "rejected": rows[0]["chosen"]}])
     with open(data, "a") as f:
         f.write(json.dumps({**rows[1], "image": "missing.png"}) + "\n")
-    train.train(config(tmp_path, dataset, init_ckpt, data=str(data), batch_size=1), "ddpo")
+    train.train(config(tmp_path, dataset, init_ckpt, data=str(data), batch_size=1))
     assert "ddpo: skipped rows: 1 chosen == rejected, 1 unreadable row" in capsys.readouterr().out
     with open(tmp_path / "run" / "log.jsonl") as f:
         assert len(f.readlines()) == 2  # 4 steps of 1 row; 2 rows usable
@@ -224,7 +219,7 @@ def test_tokens_outside_the_vocabulary_are_refused_before_the_model(tmp_path, to
     (tmp_path / "ckpt" / "tokenizer.model").write_bytes(tok.sp.serialized_model_proto())
     msg = f"{tmp_path / 'ckpt' / 'tokenizer.model'} does not match the model: {tok.vocab_size} tokens"
     with pytest.raises(SystemExit, match=msg):
-        train.train(config(tmp_path, dataset, tmp_path / "ckpt"), "ddpo")
+        train.train(config(tmp_path, dataset, tmp_path / "ckpt"))
     with pytest.raises(SystemExit, match=msg):
         sample.main([f"--ckpt={tmp_path / 'ckpt'}", f"--image={dataset / 'images' / '0.png'}", "--device=cpu"])
     with pytest.raises(IndexError):
@@ -305,10 +300,10 @@ def test_a_reference_cache_from_another_max_len_is_refused(tmp_path, tok, datase
     records = Records(data)
     n = model.config.n_query
     ref = train.reference_logps(model, records, Batcher(tok, n, 32, max_len=512), cfg)
-    short = Batcher(tok, n, 32, max_len=len(prompt_ids(tok, records[0]["question"], n)) + 3, ref=ref)
+    short = Batcher(tok, n, 32, max_len=len(prompt_ids(tok, records[0]["question"], n)) + 3)
     with pytest.raises(ValueError, match=rf"ref_logps.safetensors: sample {records[0]['id']} has \d+/\d+ "
                                          r"cached tokens but 3/3 now \(another tokenizer or max_len\?\)"):
-        short.pairs([records[0]])
+        ref.logps(short.pairs([records[0]]))
 
 
 # ---------------------------------------------------------------------------------- training
@@ -322,8 +317,8 @@ def test_a_non_finite_step_is_not_applied_and_the_checkpoint_survives(tmp_path, 
     calls, saved = [], {}
     forward_loss, save_checkpoint = train.forward_loss, train.save_checkpoint
 
-    def poisoned(model, batch, cfg, stage):
-        loss, metrics = forward_loss(model, batch, cfg, stage)
+    def poisoned(model, batch, cfg):
+        loss, metrics = forward_loss(model, batch, cfg)
         calls.append(1)
         return (loss * bad if len(calls) == 2 else loss), metrics
 
@@ -336,7 +331,7 @@ def test_a_non_finite_step_is_not_applied_and_the_checkpoint_survives(tmp_path, 
     data = pairs_file(tmp_path / "d.jsonl", dataset, good_rows(dataset, 1))
     with pytest.raises(FloatingPointError, match="step 2: non-finite loss or gradient"):
         train.train(config(tmp_path, dataset, init_ckpt, data=str(data), batch_size=1, steps=2,
-                           save_every=1), "ddpo")
+                           save_every=1))
     run = tmp_path / "run"
     assert (run / "latest").read_text() == "ckpt-1"
     on_disk = Muffin.from_pretrained(run / "ckpt-1").state_dict()
@@ -411,7 +406,7 @@ def test_sigkill_then_resume_logs_the_losses_of_an_uninterrupted_run(tmp_path, d
     after the checkpoint are those of a run never stopped; log.jsonl keeps the lines of both."""
     data = pairs_file(tmp_path / "d.jsonl", dataset, good_rows(dataset, 2))
     full = tmp_path / "full"
-    train.train(config(full, dataset, init_ckpt, data=str(data), batch_size=1, steps=6, save_every=2), "ddpo")
+    train.train(config(full, dataset, init_ckpt, data=str(data), batch_size=1, steps=6, save_every=2))
     with open(full / "run" / "log.jsonl") as f:
         expected = {r["step"]: r["loss"] for r in map(json.loads, f)}
 

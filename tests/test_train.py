@@ -8,15 +8,8 @@ import torch
 import ddpo
 import train
 from data import Batcher, Records
-from conftest import FP32_REL, assert_close_at_scale
+from conftest import FP32_REL, assert_close_at_scale, ddpo_config as config
 from model import Muffin
-
-
-def config(tmp_path, dataset, init_ckpt, **kw):
-    base = dict(stage="ddpo", data=str(dataset / "pairs.jsonl"), init=str(init_ckpt),
-                out_dir=str(tmp_path / "run"), steps=4, batch_size=4, lr=1e-3, warmup=0.0,
-                log_every=1, save_every=100, device="cpu")
-    return train.TrainConfig(**{**base, **kw})
 
 
 def losses(run_dir):
@@ -29,7 +22,7 @@ def test_ddpo_steps_lower_the_loss_and_train_only_what_is_trainable(tmp_path, da
     frozen vision tower and queries (requires_grad=False, not lr=0) stay bit for bit."""
     before = Muffin.from_pretrained(init_ckpt).state_dict()
     cfg = config(tmp_path, dataset, init_ckpt, steps=8, lr=2e-4, freeze_vision=True)
-    after = train.train(cfg, "ddpo").state_dict()
+    after = train.train(cfg).state_dict()
     seen = losses(tmp_path / "run")
     assert seen[0] == pytest.approx(0.6931, abs=1e-3) and seen[-1] < seen[0] - 0.05
     for name, t in after.items():
@@ -50,8 +43,8 @@ def test_batch_4_equals_4_micro_batches_of_1(tmp_path, dataset, init_ckpt, monke
         return clip(params, *args, **kw)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
-    train.train(config(tmp_path / "a", dataset, init_ckpt, steps=1), "ddpo")
-    train.train(config(tmp_path / "b", dataset, init_ckpt, steps=1, batch_size=1, grad_accum=4), "ddpo")
+    train.train(config(tmp_path / "a", dataset, init_ckpt, steps=1))
+    train.train(config(tmp_path / "b", dataset, init_ckpt, steps=1, batch_size=1, grad_accum=4))
     assert len(grads) == 2 and len(grads[0]) > 10
     a, b = (torch.cat([g.flatten() for g in run]) for run in grads)
     assert (a - b).norm() / a.norm() < 1e-5  # float32 rounding; a wrong scale would be O(1)
@@ -60,7 +53,7 @@ def test_batch_4_equals_4_micro_batches_of_1(tmp_path, dataset, init_ckpt, monke
 def test_resume_reproduces_the_losses(tmp_path, dataset, init_ckpt, monkeypatch):
     """A run interrupted right after its step-3 checkpoint and resumed logs the same losses for
     steps 4-6 as an uninterrupted run: same weights, optimizer state, data order and schedule."""
-    train.train(config(tmp_path / "full", dataset, init_ckpt, steps=6), "ddpo")
+    train.train(config(tmp_path / "full", dataset, init_ckpt, steps=6))
     save = train.save_checkpoint
 
     def save_then_die(model, opt, step, cfg, tok_file):
@@ -71,10 +64,10 @@ def test_resume_reproduces_the_losses(tmp_path, dataset, init_ckpt, monkeypatch)
     monkeypatch.setattr(train, "save_checkpoint", save_then_die)
     cfg = config(tmp_path / "cut", dataset, init_ckpt, steps=6, save_every=3)
     with pytest.raises(KeyboardInterrupt):
-        train.train(cfg, "ddpo")
+        train.train(cfg)
     monkeypatch.setattr(train, "save_checkpoint", save)
     cfg.resume = True
-    train.train(cfg, "ddpo")
+    train.train(cfg)
     full, cut = losses(tmp_path / "full" / "run"), losses(tmp_path / "cut" / "run")
     assert len(cut) == 6 and cut[3:] == full[3:]
 
@@ -86,8 +79,9 @@ def test_cached_reference_equals_online_reference(tmp_path, dataset, init_ckpt, 
     model = Muffin.from_pretrained(init_ckpt).eval()
     records = Records(cfg.data)
     batcher = Batcher(tok, model.config.n_query, model.config.vision.img_size, 2048, gamma=5.0)
-    batcher.ref = train.reference_logps(model, records, batcher, cfg)
+    ref = train.reference_logps(model, records, batcher, cfg)
     batch = batcher.pairs([records[i] for i in range(4)])
+    batch["ref_logps"] = ref.logps(batch)
     with torch.no_grad():
         logp, mask = ddpo.token_logps(model(batch["input_ids"], images=batch["images"],
                                             image_index=batch["image_index"]), batch["labels"])
@@ -96,7 +90,7 @@ def test_cached_reference_equals_online_reference(tmp_path, dataset, init_ckpt, 
     assert_close_at_scale(cached, online)  # other batches, other padding: summed in another order
     edited = {**records[0], "chosen": records[0]["chosen"] + " Also a cat.", "id": "edited"}
     with pytest.raises(ValueError, match="ref_logps.safetensors: no reference log-probs for sample edited"):
-        batcher.pairs([edited])
+        ref.logps(batcher.pairs([edited]))
 
 
 def test_sft_stage_from_scratch(tmp_path, dataset, tok):
@@ -106,7 +100,7 @@ def test_sft_stage_from_scratch(tmp_path, dataset, tok):
     cfg = train.TrainConfig(stage="sft", data=str(dataset / "sft.jsonl"), tokenizer=str(tok_file),
                             model="tiny", out_dir=str(tmp_path / "sft"), steps=10, batch_size=8,
                             lr=3e-3, warmup=0.0, log_every=1, device="cpu")
-    train.train(cfg, "sft")
+    train.train(cfg)
     seen = losses(tmp_path / "sft")
     assert seen[-1] < seen[0] - 0.5
     assert Muffin.from_pretrained(tmp_path / "sft").config.llm.vocab_size == tok.vocab_size
@@ -124,14 +118,14 @@ def test_identical_chosen_and_rejected_give_zero_gradient(dataset, init_ckpt, to
     batch["input_ids"][1], batch["labels"][1] = batch["input_ids"][0], batch["labels"][0]
     batch["weights"][1] = batch["weights"][0]
     batch["ref_logps"] = torch.zeros_like(batch["weights"])
-    cfg = train.TrainConfig(device="cpu")
+    cfg = train.TrainConfig(stage="ddpo", device="cpu")
     logp, mask = ddpo.token_logps(model(batch["input_ids"], images=batch["images"],
                                         image_index=batch["image_index"]), batch["labels"])
     one_row = cfg.beta / 2 * ddpo.weighted_scores(logp, mask, batch["weights"], cfg.average)[0]
     one_row.backward()
     scale = max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
     model.zero_grad()
-    loss, _ = train.forward_loss(model, batch, cfg, "ddpo")
+    loss, _ = train.forward_loss(model, batch, cfg)
     loss.backward()
     assert abs(loss.item() - math.log(2)) <= FP32_REL * abs(one_row.item())
     assert max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None) <= FP32_REL * scale

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import assert_close_at_scale
-from vision import BEiT3, BEiT3Config, Block, read_weights
+from checkpoint import read_weights
+from vision import BEiT3, BEiT3Config, Block
 
 # head dim 64, as in every BEiT-3 release: from_pretrained reads the head count off the width
 CFG = BEiT3Config(img_size=32, patch_size=8, dim=64, depth=2, heads=1, ffn_dim=128, text_positions=16)
