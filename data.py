@@ -1,7 +1,8 @@
 """Text, images and preference data: everything between files on disk and a training batch.
 
 - Tokenizer: SentencePiece plus the four tokens Muffin appends ([PAD], <im_patch>, <im_start>,
-  <im_end>; ids 32000-32003 with LLaMA's tokenizer), and `train_tokenizer` for our own world.
+  <im_end>; ids 32000-32003 with LLaMA's tokenizer), with the BOS/EOS/pad a checkpoint's own files
+  name (Tokenizer.from_pretrained), and `train_tokenizer` for our own world.
 - The training template of RLHF-V (conv_v1_2): the image slots come right after "### Human: ".
 - Images: RGB, resized bicubic to a square, normalised with mean = std = 0.5 (Muffin's eval
   transform, used for both policy and reference: no random crops, which would make the reference
@@ -29,17 +30,49 @@ SPECIAL = ("[PAD]", "<im_patch>", "<im_start>", "<im_end>")
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 STOP = "###"  # answers end with "\n###"; generation stops when it appears
+TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # name BOS/EOS/pad; the later wins
 
 
 class Tokenizer:
-    def __init__(self, model_file):
+    def __init__(self, model_file, special_tokens=None):
+        """special_tokens: {"bos_token": "</s>", ...}, the BOS, EOS and pad tokens as a saved
+        transformers tokenizer names them (see from_pretrained); a role not named keeps its default:
+        SentencePiece's BOS and EOS, and [PAD]."""
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         n = self.sp.get_piece_size()
         self.pad_id, self.im_patch_id, self.im_start_id, self.im_end_id = range(n, n + 4)
         self.special = dict(zip(SPECIAL, range(n, n + 4)))
         self.vocab_size = n + 4
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        for role in ("bos", "eos", "pad"):
+            token = (special_tokens or {}).get(role + "_token")
+            if token is not None:
+                i = self.special.get(token, self.sp.piece_to_id(token))
+                if i == self.sp.unk_id() and token != self.sp.id_to_piece(i):
+                    raise ValueError(f"{model_file}: {role}_token {token!r} is not in its vocabulary")
+                setattr(self, role + "_id", i)
         self._split = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL) + ")")
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """A tokenizer.model (or a directory holding one) with the BOS, EOS and pad tokens that the
+        tokenizer_config.json and special_tokens_map.json beside it name, the latter winning, as
+        transformers' slow LlamaTokenizer reads them. This matters: Muffin's training script sets
+        BOS = EOS = "</s>" when its base model is a LLaMA, so such a checkpoint starts every prompt
+        with id 2, not SentencePiece's <s> (1). The unk token is not read: the slow tokenizer maps
+        unknown pieces through SentencePiece, to its own unk id, whatever the files say."""
+        model_file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else str(path)
+        named = {}
+        for name in TOKEN_FILES:
+            file = os.path.join(os.path.dirname(model_file), name)
+            if os.path.exists(file):
+                with open(file) as f:
+                    saved = json.load(f)
+                for role in ("bos_token", "eos_token", "pad_token"):
+                    token = saved.get(role)  # a string, or an AddedToken saved as {"content": ...}
+                    if token is not None:
+                        named[role] = token["content"] if isinstance(token, dict) else token
+        return cls(model_file, named)
 
     def encode(self, text, bos=False):
         """Text -> ids. The special tokens are matched literally, and the white space around them
@@ -53,7 +86,8 @@ class Tokenizer:
         return ids
 
     def decode(self, ids):
-        return self.sp.decode([i for i in ids if 0 <= i < self.pad_id])
+        n = self.sp.get_piece_size()  # the four added tokens never decode, nor does padding
+        return self.sp.decode([i for i in ids if 0 <= i < n and i != self.pad_id])
 
 
 def train_tokenizer(lines, model_file, vocab_size, symbols=()):

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import ddpo
 import parallel
-from data import Batcher, Records, Tokenizer
+from data import TOKEN_FILES, Batcher, Records, Tokenizer
 from model import Muffin, atomic_write, peak_flops, sized, train_flops
 from sample import check_tokenizer, parse_args
 
@@ -209,6 +209,11 @@ def save(model, tok_file, path, state=None):
     with open(tok_file, "rb") as f:
         blob = f.read()
     atomic_write(os.path.join(path, "tokenizer.model"), blob)
+    for name in TOKEN_FILES:  # the BOS/EOS/pad it was trained with go with it
+        src = os.path.join(os.path.dirname(tok_file), name)
+        if os.path.exists(src):
+            with open(src, "rb") as f:
+                atomic_write(os.path.join(path, name), f.read())
     if state is not None:
         atomic_write(os.path.join(path, "state.pt"), lambda p: torch.save(state, p))
 
@@ -218,7 +223,7 @@ def train(cfg, stage):
     Under torchrun: data parallel over the ranks, with DDP, or with FSDP2 given --fsdp."""
     rank, world = parallel.setup(cfg)
     tok_file = cfg.tokenizer or os.path.join(cfg.init, "tokenizer.model")
-    tok = Tokenizer(tok_file)
+    tok = Tokenizer.from_pretrained(tok_file)  # with the BOS/EOS/pad the JSON files beside it name
     model, state = load_model(cfg, tok)
     check_tokenizer(tok, model, tok_file)  # so no id the data makes can fall outside the embedding
     c = model.config

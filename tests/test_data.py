@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import data
-from data import STOP, Batcher, Records, answer_ids, image_tensor, load_image, prompt_ids
+from data import STOP, Batcher, Records, Tokenizer, answer_ids, image_tensor, load_image, prompt_ids
 
 
 def test_special_tokens_follow_the_sentencepiece_vocabulary(tok):
@@ -19,6 +19,46 @@ def test_special_tokens_follow_the_sentencepiece_vocabulary(tok):
     ids = tok.encode("red <im_start><im_patch><im_end>\nsquare", bos=True)
     assert ids == [tok.bos_id] + tok.encode("red") + [n + 2, n + 1, n + 3] + tok.encode("square")
     assert tok.decode(ids) == "red square"
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def added_token(text):
+    """A token as transformers saves an AddedToken in tokenizer_config.json."""
+    return {"__type": "AddedToken", "content": text, "lstrip": False, "normalized": True,
+            "rstrip": False, "single_word": False}
+
+
+def test_special_tokens_come_from_the_checkpoints_files(tok, tmp_path):
+    """A checkpoint's tokenizer_config.json and special_tokens_map.json name its BOS, EOS and pad
+    tokens, as strings or AddedToken dicts; special_tokens_map.json wins, as in transformers.
+    Muffin's v0 script saved BOS = EOS = "</s>": its prompts start with id 2, not <s> (1). Without
+    the files: SentencePiece's ids and [PAD], exactly as Tokenizer(model_file)."""
+    n = tok.sp.get_piece_size()
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "tokenizer.model").write_bytes(tok.sp.serialized_model_proto())
+    plain = Tokenizer.from_pretrained(d)
+    assert (plain.bos_id, plain.eos_id, plain.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, n)
+    write_json(d / "tokenizer_config.json", {"bos_token": added_token("</s>"), "eos_token": added_token("</s>"),
+                                            "pad_token": added_token("<unk>"), "unk_token": added_token("</s>"),
+                                            "model_max_length": 2048, "tokenizer_class": "LlamaTokenizer"})
+    t = Tokenizer.from_pretrained(d / "tokenizer.model")  # the file, or its directory
+    assert (t.bos_id, t.eos_id, t.pad_id) == (2, 2, 0)
+    assert t.decode([0, 5, n + 1, 6]) == tok.decode([5, 6])  # pad and added tokens never decode
+    write_json(d / "tokenizer_config.json", {"bos_token": added_token("<s>"), "pad_token": None})
+    write_json(d / "special_tokens_map.json", {"bos_token": "</s>", "eos_token": "</s>",
+                                               "unk_token": "</s>", "pad_token": "[PAD]"})
+    t = Tokenizer.from_pretrained(d)
+    assert (t.bos_id, t.eos_id, t.pad_id) == (2, 2, n)
+    p, q = prompt_ids(t, "Q?", 8), prompt_ids(plain, "Q?", 8)
+    assert p[0] == 2 and q[0] == 1 and p[1:] == q[1:]
+    write_json(d / "special_tokens_map.json", {"bos_token": "<bos>"})
+    with pytest.raises(ValueError, match="bos_token '<bos>' is not in its vocabulary"):
+        Tokenizer.from_pretrained(d)
 
 
 def test_template_places_the_image_after_human(tok):

@@ -6,7 +6,7 @@ import torch
 
 import ddpo
 import train
-from data import Batcher, Records
+from data import Batcher, Records, Tokenizer
 from model import Muffin
 
 
@@ -75,6 +75,19 @@ def test_resume_reproduces_the_losses(tmp_path, dataset, init_ckpt, monkeypatch)
     train.train(cfg, "ddpo")
     full, cut = losses(tmp_path / "full" / "run"), losses(tmp_path / "cut" / "run")
     assert len(cut) == 6 and cut[3:] == full[3:]
+
+
+def test_a_checkpoint_with_eos_as_bos_trains_and_saves_with_it(tmp_path, dataset, init_ckpt, monkeypatch):
+    """A checkpoint whose special_tokens_map.json says BOS = EOS = "</s>" (what Muffin's v0 script
+    saves): every row of the reference pass and of the steps starts with id 2, not <s> (1), and the
+    checkpoint written carries the file, so the next stage or sample.py prepends 2 as well."""
+    with open(init_ckpt / "special_tokens_map.json", "w") as f:
+        json.dump({"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "[PAD]"}, f)
+    firsts, forward = [], Muffin.forward
+    monkeypatch.setattr(Muffin, "forward", lambda m, ids, **kw: firsts.append(ids[:, 0]) or forward(m, ids, **kw))
+    train.train(config(tmp_path, dataset, init_ckpt, steps=1), "ddpo")
+    assert len(firsts) > 1 and torch.cat(firsts).unique().tolist() == [2]
+    assert Tokenizer.from_pretrained(tmp_path / "run").bos_id == 2
 
 
 def test_cached_reference_equals_online_reference(tmp_path, dataset, init_ckpt, tok):
