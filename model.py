@@ -337,18 +337,38 @@ class Muffin(LLaMA):
     @classmethod
     def _config_from(cls, d, sd, path):
         if "llm" in d:  # ours
-            return MuffinConfig.from_dict(d)
-        # the official release: a LLaMA config.json plus mm_* fields; the tower's shape comes
-        # from its weights, the <im_patch> id from added_tokens.json
-        prefix = "model.vision_tower.beit3."
-        vision = config_from_weights({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
-        added = os.path.join(path, "added_tokens.json")
-        patch_id = json.load(open(added)).get("<im_patch>", 32001) if os.path.exists(added) else 32001
-        return MuffinConfig(LLaMAConfig.from_hf(d), BEiT3Config(**vision),
-                            d.get("num_query", sd["model.query"].shape[0]), patch_id)
+            config, source = MuffinConfig.from_dict(d), os.path.join(path, "config.json")
+        else:
+            # the official release: a LLaMA config.json plus mm_* fields; the tower's shape comes
+            # from its weights
+            prefix = "model.vision_tower.beit3."
+            vision = config_from_weights({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+            llm = LLaMAConfig.from_hf(d)
+            patch_id, source = release_im_patch_id(path, llm.vocab_size)
+            config = MuffinConfig(llm, BEiT3Config(**vision), d.get("num_query", sd["model.query"].shape[0]),
+                                  patch_id)
+        config.im_patch_source = source  # not a field, never saved: named by sample.check_tokenizer
+        return config
 
     def config_dict(self):
         return {"model_type": "nanorlhfv-muffin", **asdict(self.config)}
+
+
+def release_im_patch_id(path, vocab_size):
+    """The <im_patch> id of a checkpoint in the official layout, and the file it came from: its
+    added_tokens.json; else its tokenizer.model, whose size + 1 it is (Muffin appends [PAD],
+    <im_patch>, <im_start>, <im_end> to the SentencePiece vocabulary, in that order); else the
+    embedding's size - 3 (those four are its last rows)."""
+    added, spm_file = os.path.join(path, "added_tokens.json"), os.path.join(path, "tokenizer.model")
+    if os.path.exists(added):
+        with open(added) as f:
+            tokens = json.load(f)
+        if "<im_patch>" in tokens:
+            return tokens["<im_patch>"], added
+    if os.path.exists(spm_file):
+        import sentencepiece  # a dependency of data.py; here only for the size of the vocabulary
+        return sentencepiece.SentencePieceProcessor(model_file=spm_file).get_piece_size() + 1, spm_file
+    return vocab_size - 3, os.path.join(path, "config.json")
 
 
 def read_checkpoint(path):

@@ -126,7 +126,8 @@ def check_tokenizer(tok, model, tok_file):
     c = model.config
     if (c.llm.vocab_size, c.im_patch_id) != (tok.vocab_size, tok.im_patch_id):
         raise SystemExit(f"{tok_file} does not match the model: {tok.vocab_size} tokens and <im_patch> "
-                         f"{tok.im_patch_id}, the model has {c.llm.vocab_size} and {c.im_patch_id}")
+                         f"{tok.im_patch_id}, the model has {c.llm.vocab_size} and {c.im_patch_id} "
+                         f"(<im_patch> from {getattr(c, 'im_patch_source', 'its config')})")
 
 
 def main(argv):

@@ -271,39 +271,72 @@ def test_loads_sharded_hf_checkpoint(tmp_path, fmt):
     assert torch.equal(loaded(ids), src(ids))
 
 
-@torch.no_grad()
-def test_loads_official_muffin_release_layout(tmp_path):
-    """The openbmb/RLHF-V release layout: fp32 .bin shards with pytorch_model.bin.index.json, keys
-    model.vision_tower.beit3.* / model.query / model.mm_projector.* / model.layers.* / lm_head.weight
-    (plus the rotary inv_freq buffers transformers 4.28 saved), a transformers-4.28 config.json with
-    the mm_* fields, and added_tokens.json giving the <im_patch> id. The tower's shape is read off its
-    weights (head dim 64 as in every BEiT-3 release), so this tower is 64 wide; the decoder is
-    LLaMA-1-like (no GQA, 2048 positions), as the 4.28 config.json cannot say otherwise."""
-    llm = replace(TINY.llm, num_key_value_heads=4, max_position_embeddings=2048)
-    vision = BEiT3Config(img_size=32, patch_size=8, dim=64, depth=2, heads=1, ffn_dim=128)
-    config = replace(TINY, llm=llm, vision=vision)
-    src = tiny_muffin(config=config)
-    c = config.llm
+def write_release(path, src, added_tokens=True, **fields):
+    """src in the openbmb/RLHF-V release layout: fp32 .bin shards with pytorch_model.bin.index.json,
+    keys model.vision_tower.beit3.* / model.query / model.mm_projector.* / model.layers.* /
+    lm_head.weight (plus the rotary inv_freq buffers transformers 4.28 saved), a transformers-4.28
+    config.json with the mm_* fields (and `fields`), and added_tokens.json unless told not to."""
+    c = src.config.llm
     sd = dict(src.state_dict())
     for i in range(c.num_hidden_layers):
         sd[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(c.head_dim // 2)
-    write_shards(tmp_path, sd, "bin")
-    write_json(tmp_path / "config.json", {
+    write_shards(path, sd, "bin")
+    write_json(path / "config.json", {
         "architectures": ["Beit3LlavaLlamaForCausalLM"], "model_type": "beit3_llava",
         "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
         "num_attention_heads": c.num_attention_heads, "num_hidden_layers": c.num_hidden_layers,
         "vocab_size": c.vocab_size, "hidden_act": "silu",
         "rms_norm_eps": c.rms_norm_eps, "max_sequence_length": 2048, "tie_word_embeddings": False,
-        "mm_vision_tower": "beit3_large_patch16_448", "num_query": config.n_query, "use_mm_proj": True,
+        "mm_vision_tower": "beit3_large_patch16_448", "num_query": src.config.n_query, "use_mm_proj": True,
         "mm_use_im_start_end": True, "fully_tune": True, "torch_dtype": "float32",
-        "transformers_version": "4.28.0.dev0"})
+        "transformers_version": "4.28.0.dev0", **fields})
     v = c.vocab_size
-    write_json(tmp_path / "added_tokens.json",
-               {"[PAD]": v - 4, "<im_patch>": v - 3, "<im_start>": v - 2, "<im_end>": v - 1})
+    if added_tokens:
+        write_json(path / "added_tokens.json",
+                   {"[PAD]": v - 4, "<im_patch>": v - 3, "<im_start>": v - 2, "<im_end>": v - 1})
+
+
+RELEASE_LLM = replace(TINY.llm, num_key_value_heads=4, max_position_embeddings=2048)
+
+
+@torch.no_grad()
+def test_loads_official_muffin_release_layout(tmp_path):
+    """The openbmb/RLHF-V release layout (write_release), added_tokens.json giving the <im_patch>
+    id. The tower's shape is read off its weights (head dim 64 as in every BEiT-3 release), so this
+    tower is 64 wide; the decoder is LLaMA-1-like (no GQA, 2048 positions), as the 4.28 config.json
+    cannot say otherwise."""
+    vision = BEiT3Config(img_size=32, patch_size=8, dim=64, depth=2, heads=1, ffn_dim=128)
+    config = replace(TINY, llm=RELEASE_LLM, vision=vision)
+    src = tiny_muffin(config=config)
+    write_release(tmp_path, src)
     loaded = Muffin.from_pretrained(tmp_path).eval()
     assert loaded.config == config
     ids, images = muffin_inputs(config)
     assert torch.equal(loaded(ids, images=images), src(ids, images=images))
+
+
+@torch.no_grad()
+def test_release_im_patch_id_from_added_tokens_else_tokenizer_else_vocabulary(tmp_path, tok):
+    """Without added_tokens.json the <im_patch> id of a release comes from its tokenizer.model (its
+    size + 1: Muffin appends [PAD], <im_patch>, <im_start>, <im_end>), else from the embedding
+    (size - 3), here 401 of a 404-token vocabulary either way, never LLaMA's 32001. When the model
+    and the tokenizer disagree, check_tokenizer names the file the model's id came from."""
+    from sample import check_tokenizer
+    config = replace(TINY, llm=replace(RELEASE_LLM, vocab_size=tok.vocab_size), im_patch_id=tok.im_patch_id)
+    write_release(tmp_path, tiny_muffin(config=config), added_tokens=False)
+    (tmp_path / "tokenizer.model").write_bytes(tok.sp.serialized_model_proto())
+    loaded = Muffin.from_pretrained(tmp_path)
+    assert loaded.config.im_patch_id == tok.sp.get_piece_size() + 1 == 401
+    assert loaded.config.im_patch_source == str(tmp_path / "tokenizer.model")
+    check_tokenizer(tok, loaded, "tok.model")  # agrees: no error
+    os.remove(tmp_path / "tokenizer.model")
+    loaded = Muffin.from_pretrained(tmp_path)
+    assert loaded.config.im_patch_id == 401 and loaded.config.im_patch_source == str(tmp_path / "config.json")
+    write_json(tmp_path / "added_tokens.json", {"[PAD]": 400, "<im_patch>": 402})
+    loaded = Muffin.from_pretrained(tmp_path)
+    assert loaded.config.im_patch_id == 402
+    with pytest.raises(SystemExit, match=re.escape(f"402 (<im_patch> from {tmp_path / 'added_tokens.json'})")):
+        check_tokenizer(tok, loaded, "tok.model")
 
 
 def test_loading_errors_name_every_offending_key(tmp_path):
