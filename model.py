@@ -340,9 +340,10 @@ class Muffin(LLaMA):
             config, source = MuffinConfig.from_dict(d), os.path.join(path, "config.json")
         else:
             # the official release: a LLaMA config.json plus mm_* fields; the tower's shape comes
-            # from its weights
+            # from its weights, with a head count from a vision_config field where there is one
             prefix = "model.vision_tower.beit3."
             vision = config_from_weights({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+            vision["heads"] = (d.get("vision_config") or {}).get("num_attention_heads") or vision["heads"]
             llm = LLaMAConfig.from_hf(d)
             patch_id, source = release_im_patch_id(path, llm.vocab_size)
             config = MuffinConfig(llm, BEiT3Config(**vision), d.get("num_query", sd["model.query"].shape[0]),

@@ -339,6 +339,25 @@ def test_release_im_patch_id_from_added_tokens_else_tokenizer_else_vocabulary(tm
         check_tokenizer(tok, loaded, "tok.model")
 
 
+@torch.no_grad()
+def test_release_tower_heads_from_a_vision_config_field(tmp_path):
+    """The weights cannot tell how a BEiT-3 splits into heads: without a config field the loader
+    guesses dim // 64 (1 for this 64-wide tower), with `vision_config.num_attention_heads` it
+    takes the field (2), and only then are the logits those of the 2-head model saved."""
+    vision = BEiT3Config(img_size=32, patch_size=8, dim=64, depth=2, heads=2, ffn_dim=128)
+    config = replace(TINY, llm=RELEASE_LLM, vision=vision)
+    src = tiny_muffin(config=config)
+    ids, images = muffin_inputs(config)
+    write_release(tmp_path, src)
+    guessed = Muffin.from_pretrained(tmp_path).eval()
+    assert guessed.config.vision.heads == 1
+    assert not torch.allclose(guessed(ids, images=images), src(ids, images=images))
+    write_release(tmp_path, src, vision_config={"num_attention_heads": 2})
+    loaded = Muffin.from_pretrained(tmp_path).eval()
+    assert loaded.config == config
+    assert torch.equal(loaded(ids, images=images), src(ids, images=images))
+
+
 def test_loading_errors_name_every_offending_key(tmp_path):
     """A checkpoint that does not fit is refused with one error naming every missing, unexpected and
     mis-shaped key (with both shapes), not a bare 'size mismatch' or a silently random weight."""
