@@ -104,10 +104,12 @@ def train_tokenizer(lines, model_file, vocab_size, symbols=()):
 
 
 def prompt_ids(tok, question, n_query):
-    """BOS + the template up to "### Assistant:", with n_query image slots. The answer is encoded
-    on its own (see answer_ids), so the boundary between prompt and labels is exact."""
-    image = "<im_start>" + "<im_patch>" * n_query + "<im_end>"
-    return tok.encode(f"{SYSTEM}\n\n### Human: {image}\n{question.strip()}\n### Assistant:", bos=True)
+    """BOS + the template up to "### Assistant:", with n_query image slots; n_query 0: a text-only
+    row, which has no image block at all (the original only expands an "<image>" placeholder, and
+    a text-only conversation has none). The answer is encoded on its own (see answer_ids), so the
+    boundary between prompt and labels is exact."""
+    image = "<im_start>" + "<im_patch>" * n_query + "<im_end>\n" if n_query else ""
+    return tok.encode(f"{SYSTEM}\n\n### Human: {image}{question.strip()}\n### Assistant:", bos=True)
 
 
 def answer_ids(tok, answer):
@@ -151,7 +153,8 @@ def image_tensor(img, size):
 class Records:
     """Rows of a JSONL, TSV or parquet file by index, read from disk on demand (byte offsets for
     JSONL and TSV; a TSV's .lineidx is used when present). Row i -> dict with `id` (a hash of the
-    content, which keys the reference cache), `image` (PIL RGB), `question` and `chosen` +
+    content, which keys the reference cache), `image` (PIL RGB; None for a text-only row, a JSONL
+    row without `image` or with null, as LLaVA-style SFT data mixes in), `question` and `chosen` +
     `rejected` (preference data) or `answer` (SFT data). A row that cannot be read comes back as
     {"error": "<file>:<row>: why"} so that a run skips and counts it instead of dying."""
 
@@ -188,7 +191,7 @@ class Records:
             for k in ("question", "chosen", "rejected", "answer"):
                 if not isinstance(row.get(k, ""), str):
                     raise TypeError(f"{k} is {type(row[k]).__name__}, not text")
-            row["image"] = load_image(row["image"])
+            row["image"] = None if row["image"] is None else load_image(row["image"])
         except (ValueError, KeyError, IndexError, TypeError, AttributeError, json.JSONDecodeError) as e:
             return {"error": f"{where}: {type(e).__name__}: {e}"}
         return row
@@ -200,9 +203,10 @@ class Records:
 
     def _jsonl(self, i):
         r = json.loads(self._line(i))
-        image = os.path.join(os.path.dirname(self.path), r["image"])
+        image = r.get("image")  # absent or null: a text-only row
         texts = {k: r[k] for k in ("question", "chosen", "rejected", "answer") if k in r}
-        return {"id": content_id(r["image"], texts), "image": image, **texts}
+        path = None if image is None else os.path.join(os.path.dirname(self.path), image)
+        return {"id": content_id(image or "", texts), "image": path, **texts}
 
     def _tsv(self, i):
         cols = self._line(i).rstrip("\r\n").split("\t")
@@ -244,11 +248,13 @@ def content_id(image, texts):
 # --------------------------------------------------------------------------------------- batches
 
 class Batcher:
-    """Collate functions for a DataLoader. Rows are BOS + prompt (with n_query image slots) + answer
-    + "\\n###"; labels only on the answer and its terminator. An answer too long for max_len is cut
-    from its end (the image slots are never touched); a prompt too long on its own, an unreadable
-    row, an empty field, or a pair whose chosen equals its rejected (zero gradient) is skipped and
-    counted in batch["skipped"]. Padding to a multiple of 8 keeps tensor cores busy."""
+    """Collate functions for a DataLoader. Rows are BOS + prompt (with n_query image slots, none in
+    a text-only row) + answer + "\\n###"; labels only on the answer and its terminator. Text-only
+    rows batch with image rows: image_index[r] is -1 for a row without an image, and a batch with
+    no image at all has images None. An answer too long for max_len is cut from its end (the image
+    slots are never touched); a prompt too long on its own, an unreadable row, an empty field, or a
+    pair whose chosen equals its rejected (zero gradient) is skipped and counted in
+    batch["skipped"]. Padding to a multiple of 8 keeps tensor cores busy."""
 
     def __init__(self, tok, n_query, image_size, max_len, gamma=1.0, min_match=3, ref=None):
         self.tok, self.n_query, self.image_size, self.max_len = tok, n_query, image_size, max_len
@@ -260,7 +266,8 @@ class Batcher:
                   next((f"empty {k}" for k in keys if not str(item.get(k) or "").strip()), None))
         if reason is None and "chosen" in keys and item["chosen"].strip() == item["rejected"].strip():
             reason = "chosen == rejected"
-        prompt = None if reason else prompt_ids(self.tok, item["question"], self.n_query)
+        n_query = 0 if item.get("image") is None else self.n_query
+        prompt = None if reason else prompt_ids(self.tok, item["question"], n_query)
         if prompt is not None and len(prompt) >= self.max_len:
             reason, prompt = "prompt longer than max_len", None
         if reason:
@@ -281,25 +288,32 @@ class Batcher:
             if r is not None:
                 ref[j, len(p) - 1:n - 1] = r
         batch = {"input_ids": input_ids, "labels": labels, "weights": weights,
-                 "images": torch.stack(images), "image_index": torch.tensor(image_index),
-                 "skipped": skipped, "ids": ids}
+                 "images": torch.stack(images) if images else None,
+                 "image_index": torch.tensor(image_index), "skipped": skipped, "ids": ids}
         if self.ref is not None:
             batch["ref_logps"] = ref
         return batch
 
+    def _image(self, item, images):
+        """Appends the item's image tensor to images -> its index there; -1 for a text-only item."""
+        if item.get("image") is None:
+            return -1
+        images.append(image_tensor(item["image"], self.image_size))
+        return len(images) - 1
+
     def sft(self, items):
-        rows, images, skipped, ids = [], [], {}, []
+        rows, images, index, skipped, ids = [], [], [], {}, []
         for it in items:
             prompt = self._prompt(it, ("question", "answer"), skipped)
             if prompt is not None:
                 a = answer_ids(self.tok, it["answer"])[:self.max_len - len(prompt)]
                 rows.append((prompt, a, torch.ones(len(a)), None))
-                images.append(image_tensor(it["image"], self.image_size))
+                index.append(self._image(it, images))
                 ids.append(it["id"])
-        return self._pack(rows, images, list(range(len(rows))), skipped, ids) if rows else {"skipped": skipped}
+        return self._pack(rows, images, index, skipped, ids) if rows else {"skipped": skipped}
 
     def pairs(self, items):
-        chosen, rejected, images, skipped, ids = [], [], [], {}, []
+        chosen, rejected, images, index, skipped, ids = [], [], [], [], {}, []
         for it in items:
             prompt = self._prompt(it, ("question", "chosen", "rejected"), skipped)
             if prompt is None:
@@ -315,9 +329,8 @@ class Batcher:
                 ref_c, ref_r = self.ref.lookup(it["id"], min(len(c), room), min(len(r), room))
             chosen.append((prompt, c[:room], wc[:room], ref_c))
             rejected.append((prompt, r[:room], wr[:room], ref_r))
-            images.append(image_tensor(it["image"], self.image_size))
+            index.append(self._image(it, images))
             ids.append(it["id"])
         if not chosen:
             return {"skipped": skipped}
-        B = len(chosen)
-        return self._pack(chosen + rejected, images, list(range(B)) * 2, skipped, ids)
+        return self._pack(chosen + rejected, images, index * 2, skipped, ids)

@@ -290,8 +290,9 @@ class Muffin(LLaMA):
         self.model.mm_projector = nn.Linear(config.vision.dim, config.llm.hidden_size)
 
     def forward(self, input_ids, images=None, image_index=None, input_pos=None, mask=None):
-        """input_ids [R, T]; images [B, 3, H, W]; image_index [R] (which image row r shows, default
-        r): each image is encoded once however many rows share it. -> logits [R, T, vocab]."""
+        """input_ids [R, T]; images [B, 3, H, W]; image_index [R] (which image row r shows, -1 for
+        none: a text-only row; default r): each image is encoded once however many rows share it.
+        -> logits [R, T, vocab]."""
         x = self.model.embed_tokens(input_ids)
         if images is not None:
             x = self.splice(input_ids, x, self.encode_images(images), image_index)
@@ -304,16 +305,21 @@ class Muffin(LLaMA):
         return self.model.mm_projector(h[:, -self.config.n_query:])
 
     def splice(self, input_ids, x, feats, image_index=None):
-        """Replace the embeddings of each row's <im_patch> slots, in order, by its image's features."""
+        """Replace the embeddings of each row's <im_patch> slots, in order, by its image's features.
+        A row with image_index -1 has no image and must have no slots: it passes through unchanged."""
         n = self.config.n_query
         index = torch.arange(len(input_ids), device=x.device) if image_index is None else image_index
         slots = input_ids == self.config.im_patch_id
+        if feats.shape[1] != n or len(index) != len(input_ids):
+            raise ValueError(f"each image gives {feats.shape[1]} features (expected {n}); "
+                             f"{len(index)} image indices for {len(input_ids)} rows")
         counts = slots.sum(1)
-        if feats.shape[1] != n or len(index) != len(input_ids) or (counts != n).any():
+        wrong = (counts != n * (index >= 0)).nonzero()[:, 0].tolist()
+        if wrong:
             raise ValueError(f"image slots do not match the features: rows have {counts.tolist()} "
-                             f"<im_patch> tokens, each image gives {feats.shape[1]} features (expected "
-                             f"{n}), {len(index)} image indices for {len(input_ids)} rows")
-        return x.masked_scatter(slots.unsqueeze(-1), feats[index].to(x.dtype))
+                             f"<im_patch> tokens; rows {wrong} are wrong (a row with an image needs "
+                             f"{n}, a text-only row none)")
+        return x.masked_scatter(slots.unsqueeze(-1), feats[index[index >= 0]].to(x.dtype))
 
     def init_weights(self, std=0.02):
         super().init_weights(std)

@@ -283,7 +283,8 @@ def train(cfg, stage):
                 (loss / cfg.grad_accum).backward()
             metrics["tokens"] = (batch["input_ids"] != tok.pad_id).sum()
             metrics["rows"] = torch.tensor(float(len(batch["input_ids"])))
-            flops += per_token * batch["input_ids"].numel() + per_image * len(batch["images"])
+            n_images = 0 if batch["images"] is None else len(batch["images"])  # None: text-only rows
+            flops += per_token * batch["input_ids"].numel() + per_image * n_images
             for k, v in metrics.items():  # summed on the device: no host sync per micro-step
                 window[k] = window.get(k, 0) + v.float()
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))

@@ -92,6 +92,29 @@ def test_pair_batch_layout(tok, dataset):
         assert (tok.decode(heavy), tok.decode(heavy_rejected)) == (was, swapped)
 
 
+def test_text_only_rows_batch_with_image_rows(tok, tmp_path):
+    """A JSONL row without `image`, or with null, is a text-only row: image None, a prompt with no
+    image block ("### Human: " then the question, as the original templates a conversation without
+    "<image>"), image_index -1 in a batch with image rows; a batch with no image has images None."""
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "a.png")
+    rows = [{"image": "a.png", "question": "Q?", "chosen": "C.", "rejected": "R."},
+            {"question": "Q?", "chosen": "C.", "rejected": "R."},
+            {"image": None, "question": "Q2?", "chosen": "C.", "rejected": "R."}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = [Records(tmp_path / "d.jsonl")[i] for i in range(3)]
+    assert [it["image"] is None for it in items] == [False, True, True]
+    assert len({it["id"] for it in items}) == 3  # the image is part of the id
+    text = prompt_ids(tok, "Q?", 0)
+    assert tok.decode(text) == f"{data.SYSTEM}\n\n### Human: Q?\n### Assistant:"
+    assert not {tok.im_patch_id, tok.im_start_id, tok.im_end_id} & set(text)
+    batch = Batcher(tok, n_query=8, image_size=16, max_len=512).pairs([items[1], items[0], items[2]])
+    assert batch["image_index"].tolist() == [-1, 0, -1] * 2 and batch["images"].shape == (1, 3, 16, 16)
+    assert batch["input_ids"][0, :len(text)].tolist() == text
+    assert (batch["input_ids"] == tok.im_patch_id).sum(1).tolist() == [0, 8, 0] * 2
+    batch = Batcher(tok, n_query=8, image_size=16, max_len=512).sft([{**items[2], "answer": "A."}])
+    assert batch["images"] is None and batch["image_index"].tolist() == [-1]
+
+
 def test_truncation_and_skips(tok, dataset, tmp_path):
     """An answer too long is cut from its end, the image slots intact; a prompt too long on its own,
     a pair whose chosen equals its rejected, an empty field and an unreadable row are skipped and

@@ -225,6 +225,35 @@ def test_splice_rejects_a_row_with_the_wrong_number_of_slots():
         m.splice(ids, m.model.embed_tokens(ids), feats)
 
 
+@torch.no_grad()
+def test_text_only_rows_pass_through_a_batch_with_images():
+    """A text-only row (image_index -1, no <im_patch> slots) batched before two image rows: each
+    image row gets the logits it gets alone with its image, and the text-only row those of the plain
+    LLaMA forward on its ids. (Features gathered for every index, -1 included, would fill the image
+    rows' slots with images 1 and 0, the text row's share first: both comparisons would fail.)"""
+    m = tiny_muffin()
+    ids, images = muffin_inputs(TINY)
+    text = torch.randint(0, TINY.im_patch_id, (1, ids.shape[1]), generator=torch.Generator().manual_seed(1))
+    rows = torch.cat([text, ids])
+    logits = m(rows, images=images, image_index=torch.tensor([-1, 0, 1]))
+    for r, i in ((1, 0), (2, 1)):
+        torch.testing.assert_close(logits[r], m(rows[r:r + 1], images=images[i:i + 1])[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[0], LLaMA.forward(m, text)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_splice_names_the_rows_whose_slots_do_not_fit():
+    """n_query slots in a row with an image, none in a text-only row: a text-only row with slots
+    and an image row without are both refused, by row number."""
+    m = tiny_muffin()
+    n, patch = TINY.n_query, TINY.im_patch_id
+    ids = torch.zeros(3, n + 2, dtype=torch.long)
+    ids[0, 1:1 + n] = patch
+    ids[1, 1:1 + n] = patch  # slots, but image_index -1
+    feats = torch.randn(2, n, TINY.llm.hidden_size)
+    with pytest.raises(ValueError, match=r"rows \[1, 2\] are wrong"):
+        m.splice(ids, m.model.embed_tokens(ids), feats, torch.tensor([0, -1, 1]))
+
+
 # --- checkpoints ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

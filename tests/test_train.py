@@ -1,5 +1,6 @@
 """The training loop: DDPO steps, accumulation, the reference cache and exact resumption."""
 import json
+import math
 
 import pytest
 import torch
@@ -75,6 +76,33 @@ def test_resume_reproduces_the_losses(tmp_path, dataset, init_ckpt, monkeypatch)
     train.train(cfg, "ddpo")
     full, cut = losses(tmp_path / "full" / "run"), losses(tmp_path / "cut" / "run")
     assert len(cut) == 6 and cut[3:] == full[3:]
+
+
+def test_ddpo_on_mixed_data_and_sft_on_text_only_data(tmp_path, dataset, init_ckpt):
+    """DDPO on pairs of which every other one has no image (no `image` key, or null), and SFT on
+    answers none of which has one (every batch then has images None): the reference pass caches
+    the text-only pairs too, the losses are finite, and DDPO starts at ln 2."""
+    rows = [json.loads(line) for line in open(dataset / "pairs.jsonl")]
+    for i, r in enumerate(rows):
+        r["image"] = str(dataset / r["image"]) if i % 2 else None
+        if i % 4 == 0:
+            del r["image"]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"question": r["question"], "answer": r["chosen"]})
+                                                 + "\n" for r in rows))
+    cfg = config(tmp_path, dataset, init_ckpt, data=str(tmp_path / "mixed.jsonl"), steps=2)
+    train.train(cfg, "ddpo")
+    seen = losses(tmp_path / "run")
+    assert seen[0] == pytest.approx(0.6931, abs=1e-3) and all(math.isfinite(x) for x in seen)
+    from safetensors.torch import load_file
+    cached = load_file(tmp_path / "run" / "ref_logps.safetensors")
+    records = Records(tmp_path / "mixed.jsonl")
+    assert {f"{records[i]['id']}/chosen" for i in range(len(records))} <= cached.keys()
+    cfg = config(tmp_path, dataset, init_ckpt, stage="sft", data=str(tmp_path / "text.jsonl"),
+                 out_dir=str(tmp_path / "sft"), steps=2)
+    train.train(cfg, "sft")
+    seen = losses(tmp_path / "sft")
+    assert len(seen) == 2 and all(math.isfinite(x) for x in seen)
 
 
 def test_a_checkpoint_with_eos_as_bos_trains_and_saves_with_it(tmp_path, dataset, init_ckpt, monkeypatch):
