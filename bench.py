@@ -66,20 +66,22 @@ class BenchConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def median_time(fn, cfg):
+def median_time(fn, cfg, minus=None):
     """Median seconds of cfg.iters calls of fn after cfg.warmup untimed ones. fn only queues GPU work,
-    so the clock stops when the device is done."""
+    so the clock stops when the device is done. With `minus`, the median of fn's time less minus's,
+    the two timed back to back in each iteration, so that a change of load between them cancels."""
     sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else lambda: None
-    for _ in range(cfg.warmup):
-        fn()
-    times = []
-    for _ in range(cfg.iters):
+
+    def seconds(f):
         sync()
         t0 = time.perf_counter()
-        fn()
+        f()
         sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time.perf_counter() - t0
+
+    for _ in range(cfg.warmup):
+        fn()
+    return statistics.median(seconds(fn) - (seconds(minus) if minus else 0) for _ in range(cfg.iters))
 
 
 def inputs(c, vision, rows, length, n_images, g):
@@ -178,8 +180,8 @@ def bench_model(label, model, forward, decode, set_ckpt, flops, c, vision, cfg):
     for b in (1, 8):
         ids, images = inputs(c, vision, b, cfg.prompt, b, g)
         ids, images = ids.to(cfg.device), images if images is None else images.to(cfg.device, dtype)
-        t1 = median_time(lambda: decode(ids, images, 1), cfg)
-        steps_per_s = (n - 1) / (median_time(lambda: decode(ids, images, n), cfg) - t1)
+        prefill = lambda: decode(ids, images, 1)  # noqa: E731
+        steps_per_s = (n - 1) / median_time(lambda: decode(ids, images, n), cfg, minus=prefill)
         res[f"dec@{b} tok/s"] = b * steps_per_s
         res[f"dec@{b} GB/s"] = decode_bytes(c.llm, b, cfg.prompt + n, dtype.itemsize) * steps_per_s / 1e9
     return rows

@@ -1,7 +1,8 @@
 """Text, images and preference data: everything between files on disk and a training batch.
 
 - Tokenizer: SentencePiece plus the four tokens Muffin appends ([PAD], <im_patch>, <im_start>,
-  <im_end>; ids 32000-32003 with LLaMA's tokenizer), and `train_tokenizer` for our own world.
+  <im_end>; ids 32000-32003 with LLaMA's tokenizer), with the BOS/EOS/pad a checkpoint's own files
+  name (Tokenizer.from_pretrained), and `train_tokenizer` for our own world.
 - The training template of RLHF-V (conv_v1_2): the image slots come right after "### Human: ".
 - Images: RGB, resized bicubic to a square, normalised with mean = std = 0.5 (Muffin's eval
   transform, used for both policy and reference: no random crops, which would make the reference
@@ -29,17 +30,49 @@ SPECIAL = ("[PAD]", "<im_patch>", "<im_start>", "<im_end>")
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 STOP = "###"  # answers end with "\n###"; generation stops when it appears
+TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # name BOS/EOS/pad; the later wins
 
 
 class Tokenizer:
-    def __init__(self, model_file):
+    def __init__(self, model_file, special_tokens=None):
+        """special_tokens: {"bos_token": "</s>", ...}, the BOS, EOS and pad tokens as a saved
+        transformers tokenizer names them (see from_pretrained); a role not named keeps its default:
+        SentencePiece's BOS and EOS, and [PAD]."""
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         n = self.sp.get_piece_size()
         self.pad_id, self.im_patch_id, self.im_start_id, self.im_end_id = range(n, n + 4)
         self.special = dict(zip(SPECIAL, range(n, n + 4)))
         self.vocab_size = n + 4
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        for role in ("bos", "eos", "pad"):
+            token = (special_tokens or {}).get(role + "_token")
+            if token is not None:
+                i = self.special.get(token, self.sp.piece_to_id(token))
+                if i == self.sp.unk_id() and token != self.sp.id_to_piece(i):
+                    raise ValueError(f"{model_file}: {role}_token {token!r} is not in its vocabulary")
+                setattr(self, role + "_id", i)
         self._split = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL) + ")")
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """A tokenizer.model (or a directory holding one) with the BOS, EOS and pad tokens that the
+        tokenizer_config.json and special_tokens_map.json beside it name, the latter winning, as
+        transformers' slow LlamaTokenizer reads them. This matters: Muffin's training script sets
+        BOS = EOS = "</s>" when its base model is a LLaMA, so such a checkpoint starts every prompt
+        with id 2, not SentencePiece's <s> (1). The unk token is not read: the slow tokenizer maps
+        unknown pieces through SentencePiece, to its own unk id, whatever the files say."""
+        model_file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else str(path)
+        named = {}
+        for name in TOKEN_FILES:
+            file = os.path.join(os.path.dirname(model_file), name)
+            if os.path.exists(file):
+                with open(file) as f:
+                    saved = json.load(f)
+                for role in ("bos_token", "eos_token", "pad_token"):
+                    token = saved.get(role)  # a string, or an AddedToken saved as {"content": ...}
+                    if token is not None:
+                        named[role] = token["content"] if isinstance(token, dict) else token
+        return cls(model_file, named)
 
     def encode(self, text, bos=False):
         """Text -> ids. Plain text encodes exactly as SentencePiece encodes it; the special tokens
@@ -59,7 +92,8 @@ class Tokenizer:
         return ids
 
     def decode(self, ids):
-        return self.sp.decode([i for i in ids if 0 <= i < self.pad_id])
+        n = self.sp.get_piece_size()  # the four added tokens never decode, nor does padding
+        return self.sp.decode([i for i in ids if 0 <= i < n and i != self.pad_id])
 
 
 def check_tokenizer(tok, config, tok_file):
@@ -67,7 +101,8 @@ def check_tokenizer(tok, config, tok_file):
     not left to an index error (or a CUDA device-side assert) in the first forward."""
     if (config.llm.vocab_size, config.im_patch_id) != (tok.vocab_size, tok.im_patch_id):
         raise SystemExit(f"{tok_file} does not match the model: {tok.vocab_size} tokens and <im_patch> "
-                         f"{tok.im_patch_id}, the model has {config.llm.vocab_size} and {config.im_patch_id}")
+                         f"{tok.im_patch_id}, the model has {config.llm.vocab_size} and {config.im_patch_id} "
+                         f"(<im_patch> from {getattr(config, 'im_patch_source', 'its config')})")
 
 
 def train_tokenizer(lines, model_file, vocab_size, symbols=()):
@@ -84,10 +119,12 @@ def train_tokenizer(lines, model_file, vocab_size, symbols=()):
 
 
 def prompt_ids(tok, question, n_query):
-    """BOS + the template up to "### Assistant:", with n_query image slots. The answer is encoded
-    on its own (see answer_ids), so the boundary between prompt and labels is exact."""
-    image = "<im_start>" + "<im_patch>" * n_query + "<im_end>"
-    return tok.encode(f"{SYSTEM}\n\n### Human: {image}\n{question.strip()}\n### Assistant:", bos=True)
+    """BOS + the template up to "### Assistant:", with n_query image slots; n_query 0: a text-only
+    row, which has no image block at all (the original only expands an "<image>" placeholder, and
+    a text-only conversation has none). The answer is encoded on its own (see answer_ids), so the
+    boundary between prompt and labels is exact."""
+    image = "<im_start>" + "<im_patch>" * n_query + "<im_end>\n" if n_query else ""
+    return tok.encode(f"{SYSTEM}\n\n### Human: {image}{question.strip()}\n### Assistant:", bos=True)
 
 
 def answer_ids(tok, answer):
@@ -131,7 +168,8 @@ def image_tensor(img, size):
 class Records:
     """Rows of a JSONL, TSV or parquet file by index, read from disk on demand (byte offsets for
     JSONL and TSV; a TSV's .lineidx is used when present). Row i -> dict with `id` (a hash of the
-    content, which keys the reference cache), `image` (PIL RGB), `question` and `chosen` +
+    content, which keys the reference cache), `image` (PIL RGB; None for a text-only row, a JSONL
+    row without `image` or with null, as LLaVA-style SFT data mixes in), `question` and `chosen` +
     `rejected` (preference data) or `answer` (SFT data). A row that cannot be read comes back as
     {"error": "<file>:<row>: why"} so that a run skips and counts it instead of dying."""
 
@@ -168,7 +206,7 @@ class Records:
             for k in ("question", "chosen", "rejected", "answer"):
                 if not isinstance(row.get(k, ""), str):
                     raise TypeError(f"{k} is {type(row[k]).__name__}, not text")
-            row["image"] = load_image(row["image"])
+            row["image"] = None if row["image"] is None else load_image(row["image"])
         except (ValueError, KeyError, IndexError, TypeError, AttributeError, json.JSONDecodeError) as e:
             return {"error": f"{where}: {type(e).__name__}: {e}"}
         return row
@@ -180,9 +218,10 @@ class Records:
 
     def _jsonl(self, i):
         r = json.loads(self._line(i))
-        image = os.path.join(os.path.dirname(self.path), r["image"])
+        image = r.get("image")  # absent or null: a text-only row
         texts = {k: r[k] for k in ("question", "chosen", "rejected", "answer") if k in r}
-        return {"id": content_id(r["image"], texts), "image": image, **texts}
+        path = None if image is None else os.path.join(os.path.dirname(self.path), image)
+        return {"id": content_id(image or "", texts), "image": path, **texts}
 
     def _tsv(self, i):
         cols = self._line(i).rstrip("\r\n").split("\t")
@@ -224,11 +263,13 @@ def content_id(image, texts):
 # --------------------------------------------------------------------------------------- batches
 
 class Batcher:
-    """Collate functions for a DataLoader. Rows are BOS + prompt (with n_query image slots) + answer
-    + "\\n###"; labels only on the answer and its terminator. An answer too long for max_len is cut
-    from its end (the image slots are never touched); a prompt too long on its own, an unreadable
-    row, an empty field, or a pair whose chosen equals its rejected (zero gradient) is skipped and
-    counted in batch["skipped"]. Padding to a multiple of 8 keeps tensor cores busy."""
+    """Collate functions for a DataLoader. Rows are BOS + prompt (with n_query image slots, none in
+    a text-only row) + answer + "\\n###"; labels only on the answer and its terminator. Text-only
+    rows batch with image rows: image_index[r] is -1 for a row without an image, and a batch with
+    no image at all has images None. An answer too long for max_len is cut from its end (the image
+    slots are never touched); a prompt too long on its own, an unreadable row, an empty field, or a
+    pair whose chosen equals its rejected (zero gradient) is skipped and counted in
+    batch["skipped"]. Padding to a multiple of 8 keeps tensor cores busy."""
 
     def __init__(self, tok, n_query, image_size, max_len, gamma=1.0, min_match=3):
         self.tok, self.n_query, self.image_size, self.max_len = tok, n_query, image_size, max_len
@@ -240,7 +281,8 @@ class Batcher:
                   next((f"empty {k}" for k in keys if not str(item.get(k) or "").strip()), None))
         if reason is None and "chosen" in keys and item["chosen"].strip() == item["rejected"].strip():
             reason = "chosen == rejected"
-        prompt = None if reason else prompt_ids(self.tok, item["question"], self.n_query)
+        n_query = 0 if item.get("image") is None else self.n_query
+        prompt = None if reason else prompt_ids(self.tok, item["question"], n_query)
         if prompt is not None and len(prompt) >= self.max_len:
             reason, prompt = "prompt longer than max_len", None
         if reason:
@@ -258,22 +300,30 @@ class Batcher:
             input_ids[j, :n] = torch.tensor(p + a)
             labels[j, len(p):n] = torch.tensor(a)
             weights[j, len(p) - 1:n - 1] = w
-        return {"input_ids": input_ids, "labels": labels, "weights": weights, "images": torch.stack(images),
+        return {"input_ids": input_ids, "labels": labels, "weights": weights,
+                "images": torch.stack(images) if images else None,
                 "image_index": torch.tensor(image_index), "skipped": skipped, "ids": ids}
 
+    def _image(self, item, images):
+        """Appends the item's image tensor to images -> its index there; -1 for a text-only item."""
+        if item.get("image") is None:
+            return -1
+        images.append(image_tensor(item["image"], self.image_size))
+        return len(images) - 1
+
     def sft(self, items):
-        rows, images, skipped, ids = [], [], {}, []
+        rows, images, index, skipped, ids = [], [], [], {}, []
         for it in items:
             prompt = self._prompt(it, ("question", "answer"), skipped)
             if prompt is not None:
                 a = answer_ids(self.tok, it["answer"])[:self.max_len - len(prompt)]
                 rows.append((prompt, a, torch.ones(len(a))))
-                images.append(image_tensor(it["image"], self.image_size))
+                index.append(self._image(it, images))
                 ids.append(it["id"])
-        return self._pack(rows, images, list(range(len(rows))), skipped, ids) if rows else {"skipped": skipped}
+        return self._pack(rows, images, index, skipped, ids) if rows else {"skipped": skipped}
 
     def pairs(self, items):
-        chosen, rejected, images, skipped, ids = [], [], [], {}, []
+        chosen, rejected, images, index, skipped, ids = [], [], [], [], {}, []
         for it in items:
             prompt = self._prompt(it, ("question", "chosen", "rejected"), skipped)
             if prompt is None:
@@ -286,9 +336,8 @@ class Batcher:
                                                                    self.min_match))
             chosen.append((prompt, c[:room], wc[:room]))
             rejected.append((prompt, r[:room], wr[:room]))
-            images.append(image_tensor(it["image"], self.image_size))
+            index.append(self._image(it, images))
             ids.append(it["id"])
         if not chosen:
             return {"skipped": skipped}
-        B = len(chosen)
-        return self._pack(chosen + rejected, images, list(range(B)) * 2, skipped, ids)
+        return self._pack(chosen + rejected, images, index * 2, skipped, ids)

@@ -305,8 +305,9 @@ class Muffin(LLaMA):
         self.model.mm_projector = nn.Linear(config.vision.dim, config.llm.hidden_size)
 
     def forward(self, input_ids, images=None, image_index=None, input_pos=None, mask=None):
-        """input_ids [R, T]; images [B, 3, H, W]; image_index [R] (which image row r shows, default
-        r): each image is encoded once however many rows share it. -> logits [R, T, vocab]."""
+        """input_ids [R, T]; images [B, 3, H, W]; image_index [R] (which image row r shows, -1 for
+        none: a text-only row; default r): each image is encoded once however many rows share it.
+        -> logits [R, T, vocab]."""
         x = self.model.embed_tokens(input_ids)
         if images is not None:
             x = self.splice(input_ids, x, self.encode_images(images), image_index)
@@ -319,16 +320,21 @@ class Muffin(LLaMA):
         return self.model.mm_projector(h[:, -self.config.n_query:])
 
     def splice(self, input_ids, x, feats, image_index=None):
-        """Replace the embeddings of each row's <im_patch> slots, in order, by its image's features."""
+        """Replace the embeddings of each row's <im_patch> slots, in order, by its image's features.
+        A row with image_index -1 has no image and must have no slots: it passes through unchanged."""
         n = self.config.n_query
         index = torch.arange(len(input_ids), device=x.device) if image_index is None else image_index
         slots = input_ids == self.config.im_patch_id
+        if feats.shape[1] != n or len(index) != len(input_ids):
+            raise ValueError(f"each image gives {feats.shape[1]} features (expected {n}); "
+                             f"{len(index)} image indices for {len(input_ids)} rows")
         counts = slots.sum(1)
-        if feats.shape[1] != n or len(index) != len(input_ids) or (counts != n).any():
+        wrong = (counts != n * (index >= 0)).nonzero()[:, 0].tolist()
+        if wrong:
             raise ValueError(f"image slots do not match the features: rows have {counts.tolist()} "
-                             f"<im_patch> tokens, each image gives {feats.shape[1]} features (expected "
-                             f"{n}), {len(index)} image indices for {len(input_ids)} rows")
-        return x.masked_scatter(slots.unsqueeze(-1), feats[index].to(x.dtype))
+                             f"<im_patch> tokens; rows {wrong} are wrong (a row with an image needs "
+                             f"{n}, a text-only row none)")
+        return x.masked_scatter(slots.unsqueeze(-1), feats[index[index >= 0]].to(x.dtype))
 
     def init_weights(self, std=0.02):
         super().init_weights(std)
@@ -350,19 +356,23 @@ class Muffin(LLaMA):
     @classmethod
     def from_pretrained(cls, path, dtype=None):
         """Ours (config.json with "llm" and "vision") or the official release: a LLaMA config.json
-        plus mm_* fields, the tower's shape read off its weights, the <im_patch> id from
-        added_tokens.json. Weights as LLaMA.from_pretrained reads them."""
+        plus mm_* fields, the tower's shape read off its weights (its head count from a
+        vision_config field where there is one), the <im_patch> id from release_im_patch_id.
+        Weights as LLaMA.from_pretrained reads them."""
         with open(os.path.join(path, "config.json")) as f:
             d = json.load(f)
         sd = read_checkpoint(path)
         if "llm" in d:
-            return cls._build(MuffinConfig.from_dict(d), sd, path, dtype)
-        prefix = "model.vision_tower.beit3."
-        vision = config_from_weights({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
-        added = os.path.join(path, "added_tokens.json")
-        patch_id = json.load(open(added)).get("<im_patch>", 32001) if os.path.exists(added) else 32001
-        config = MuffinConfig(LLaMAConfig.from_hf(d), BEiT3Config(**vision),
-                              d.get("num_query", sd["model.query"].shape[0]), patch_id)
+            config, source = MuffinConfig.from_dict(d), os.path.join(path, "config.json")
+        else:
+            prefix = "model.vision_tower.beit3."
+            vision = config_from_weights({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+            vision["heads"] = (d.get("vision_config") or {}).get("num_attention_heads") or vision["heads"]
+            llm = LLaMAConfig.from_hf(d)
+            patch_id, source = release_im_patch_id(path, llm.vocab_size)
+            config = MuffinConfig(llm, BEiT3Config(**vision), d.get("num_query", sd["model.query"].shape[0]),
+                                  patch_id)
+        config.im_patch_source = source  # not a field, never saved: named by data.check_tokenizer
         return cls._build(config, sd, path, dtype)
 
     @property
@@ -371,6 +381,23 @@ class Muffin(LLaMA):
 
     def config_dict(self):
         return {"model_type": "nanorlhfv-muffin", **asdict(self.config)}
+
+
+def release_im_patch_id(path, vocab_size):
+    """The <im_patch> id of a checkpoint in the official layout, and the file it came from: its
+    added_tokens.json; else its tokenizer.model, whose size + 1 it is (Muffin appends [PAD],
+    <im_patch>, <im_start>, <im_end> to the SentencePiece vocabulary, in that order); else the
+    embedding's size - 3 (those four are its last rows)."""
+    added, spm_file = os.path.join(path, "added_tokens.json"), os.path.join(path, "tokenizer.model")
+    if os.path.exists(added):
+        with open(added) as f:
+            tokens = json.load(f)
+        if "<im_patch>" in tokens:
+            return tokens["<im_patch>"], added
+    if os.path.exists(spm_file):
+        import sentencepiece  # a dependency of data.py; here only for the size of the vocabulary
+        return sentencepiece.SentencePieceProcessor(model_file=spm_file).get_piece_size() + 1, spm_file
+    return vocab_size - 3, os.path.join(path, "config.json")
 
 
 def train_flops(model, n_tokens, n_images=0):

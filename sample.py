@@ -105,7 +105,7 @@ def main(argv):
     torch.manual_seed(cfg.seed)
     model = Muffin.from_pretrained(cfg.ckpt).to(cfg.device).eval()
     tok_file = cfg.tokenizer or f"{cfg.ckpt}/tokenizer.model"
-    tok = Tokenizer(tok_file)
+    tok = Tokenizer.from_pretrained(tok_file)
     check_tokenizer(tok, model.config, tok_file)
     image = image_tensor(load_image(cfg.image), model.config.vision.img_size)[None].to(cfg.device)
     print(generate(model, tok, image, [cfg.prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_p,

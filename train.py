@@ -30,7 +30,7 @@ import ddpo
 import parallel
 import rlhfv
 from checkpoint import atomic_write
-from data import Batcher, Records, Tokenizer, check_tokenizer
+from data import TOKEN_FILES, Batcher, Records, Tokenizer, check_tokenizer
 from model import Muffin, autocast, peak_flops, sized, train_flops
 
 
@@ -212,6 +212,11 @@ def save(model, tok_file, path, state=None):
     with open(tok_file, "rb") as f:
         blob = f.read()
     atomic_write(os.path.join(path, "tokenizer.model"), blob)
+    for name in TOKEN_FILES:  # the BOS/EOS/pad it was trained with go with it
+        src = os.path.join(os.path.dirname(tok_file), name)
+        if os.path.exists(src):
+            with open(src, "rb") as f:
+                atomic_write(os.path.join(path, name), f.read())
     if state is not None:
         atomic_write(os.path.join(path, "state.pt"), lambda p: torch.save(state, p))
 
@@ -221,7 +226,7 @@ def train(cfg):
     trained model. Under torchrun: data parallel over the ranks, with DDP, or with FSDP2 given --fsdp."""
     rank, world = parallel.setup(cfg)
     tok_file = cfg.tokenizer or os.path.join(cfg.init, "tokenizer.model")
-    tok = Tokenizer(tok_file)
+    tok = Tokenizer.from_pretrained(tok_file)  # with the BOS/EOS/pad the JSON files beside it name
     model, state = load_model(cfg, tok)
     check_tokenizer(tok, model.config, tok_file)  # so no id the data makes can fall outside the embedding
     for part in (model.model.vision_tower, model.model.query):  # before sharding: FSDP2 reads it
@@ -328,7 +333,8 @@ class LogWindow:
             self.sums[k] = self.sums.get(k, 0) + v.float()
         self.tokens = self.tokens + (batch["input_ids"] != self.pad_id).sum()
         self.rows, self.micro = self.rows + len(batch["input_ids"]), self.micro + 1
-        self.flops += self.per_token * batch["input_ids"].numel() + self.per_image * len(batch["images"])
+        n_images = 0 if batch["images"] is None else len(batch["images"])  # None: only text-only rows
+        self.flops += self.per_token * batch["input_ids"].numel() + self.per_image * n_images
 
     def step(self, step, lr, grad_norm):
         cfg = self.cfg

@@ -163,7 +163,10 @@ BEIT3_IGNORED = ("text_embed.", "vision_embed.mask_token")
 
 
 def config_from_weights(sd):
-    """BEiT3Config fields read off a state dict (heads from the head dim of 64 of every release)."""
+    """BEiT3Config fields read off a state dict. All but one: the head count is a guess, dim // 64,
+    since the weights cannot tell it (q, k, v are dim x dim however they split into heads); it holds
+    for every released BEiT-3 (base 768 / 12, large 1024 / 16). BEiT3.from_pretrained(path, heads=)
+    overrides it, and Muffin.from_pretrained reads it from config.json's vision_config when present."""
     try:
         dim, _, patch, _ = sd["vision_embed.proj.weight"].shape
         depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))

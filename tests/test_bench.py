@@ -14,7 +14,7 @@ from model import CONFIGS, LLaMA
 
 
 def test_tiny_runs_every_benchmark_once():
-    cfg = bench.BenchConfig(shape="tiny", rows=4, seq=48, prompt=12, new_tokens=16, warmup=1, iters=3,
+    cfg = bench.BenchConfig(shape="tiny", rows=4, seq=48, prompt=12, new_tokens=48, warmup=1, iters=3,
                             grad_ckpt=True, device="cpu")
     table = bench.run_shape(cfg, set())
     assert [label for label, _ in table] == ["ours tiny", "ours tiny +grad_ckpt"]

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import data
-from data import STOP, Batcher, Records, answer_ids, image_tensor, load_image, prompt_ids
+from data import STOP, Batcher, Records, Tokenizer, answer_ids, image_tensor, load_image, prompt_ids
 
 
 def test_special_tokens_follow_the_sentencepiece_vocabulary(tok):
@@ -58,6 +58,46 @@ def test_a_template_row_is_three_sentencepiece_runs_and_the_image_slots(tok):
     assert answer_ids(tok, f" {a}\n") == tok.sp.encode(f"{a}\n{STOP}")
 
 
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def added_token(text):
+    """A token as transformers saves an AddedToken in tokenizer_config.json."""
+    return {"__type": "AddedToken", "content": text, "lstrip": False, "normalized": True,
+            "rstrip": False, "single_word": False}
+
+
+def test_special_tokens_come_from_the_checkpoints_files(tok, tmp_path):
+    """A checkpoint's tokenizer_config.json and special_tokens_map.json name its BOS, EOS and pad
+    tokens, as strings or AddedToken dicts; special_tokens_map.json wins, as in transformers.
+    Muffin's v0 script saved BOS = EOS = "</s>": its prompts start with id 2, not <s> (1). Without
+    the files: SentencePiece's ids and [PAD], exactly as Tokenizer(model_file)."""
+    n = tok.sp.get_piece_size()
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "tokenizer.model").write_bytes(tok.sp.serialized_model_proto())
+    plain = Tokenizer.from_pretrained(d)
+    assert (plain.bos_id, plain.eos_id, plain.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, n)
+    write_json(d / "tokenizer_config.json", {"bos_token": added_token("</s>"), "eos_token": added_token("</s>"),
+                                            "pad_token": added_token("<unk>"), "unk_token": added_token("</s>"),
+                                            "model_max_length": 2048, "tokenizer_class": "LlamaTokenizer"})
+    t = Tokenizer.from_pretrained(d / "tokenizer.model")  # the file, or its directory
+    assert (t.bos_id, t.eos_id, t.pad_id) == (2, 2, 0)
+    assert t.decode([0, 5, n + 1, 6]) == tok.decode([5, 6])  # pad and added tokens never decode
+    write_json(d / "tokenizer_config.json", {"bos_token": added_token("<s>"), "pad_token": None})
+    write_json(d / "special_tokens_map.json", {"bos_token": "</s>", "eos_token": "</s>",
+                                               "unk_token": "</s>", "pad_token": "[PAD]"})
+    t = Tokenizer.from_pretrained(d)
+    assert (t.bos_id, t.eos_id, t.pad_id) == (2, 2, n)
+    p, q = prompt_ids(t, "Q?", 8), prompt_ids(plain, "Q?", 8)
+    assert p[0] == 2 and q[0] == 1 and p[1:] == q[1:]
+    write_json(d / "special_tokens_map.json", {"bos_token": "<bos>"})
+    with pytest.raises(ValueError, match="bos_token '<bos>' is not in its vocabulary"):
+        Tokenizer.from_pretrained(d)
+
+
 def test_template_places_the_image_after_human(tok):
     """RLHF-V's training template: system prompt, "### Human: ", the image slots, the question,
     "### Assistant:"; the answer is encoded on its own and ends with the stop string."""
@@ -87,6 +127,29 @@ def test_pair_batch_layout(tok, dataset):
         heavy_rejected = [int(t) for t, x in zip(ids[3 + r, 1:], w[3 + r]) if x == 5.0]
         [(was, swapped)] = [(a, b) for a, b in zip(item["chosen"].split(), item["rejected"].split()) if a != b]
         assert (tok.decode(heavy), tok.decode(heavy_rejected)) == (was, swapped)
+
+
+def test_text_only_rows_batch_with_image_rows(tok, tmp_path):
+    """A JSONL row without `image`, or with null, is a text-only row: image None, a prompt with no
+    image block ("### Human: " then the question, as the original templates a conversation without
+    "<image>"), image_index -1 in a batch with image rows; a batch with no image has images None."""
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "a.png")
+    rows = [{"image": "a.png", "question": "Q?", "chosen": "C.", "rejected": "R."},
+            {"question": "Q?", "chosen": "C.", "rejected": "R."},
+            {"image": None, "question": "Q2?", "chosen": "C.", "rejected": "R."}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = [Records(tmp_path / "d.jsonl")[i] for i in range(3)]
+    assert [it["image"] is None for it in items] == [False, True, True]
+    assert len({it["id"] for it in items}) == 3  # the image is part of the id
+    text = prompt_ids(tok, "Q?", 0)
+    assert tok.decode(text) == f"{data.SYSTEM}\n\n### Human: Q?\n### Assistant:"
+    assert not {tok.im_patch_id, tok.im_start_id, tok.im_end_id} & set(text)
+    batch = Batcher(tok, n_query=8, image_size=16, max_len=512).pairs([items[1], items[0], items[2]])
+    assert batch["image_index"].tolist() == [-1, 0, -1] * 2 and batch["images"].shape == (1, 3, 16, 16)
+    assert batch["input_ids"][0, :len(text)].tolist() == text
+    assert (batch["input_ids"] == tok.im_patch_id).sum(1).tolist() == [0, 8, 0] * 2
+    batch = Batcher(tok, n_query=8, image_size=16, max_len=512).sft([{**items[2], "answer": "A."}])
+    assert batch["images"] is None and batch["image_index"].tolist() == [-1]
 
 
 def test_truncation_and_skips(tok, dataset, tmp_path):

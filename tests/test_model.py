@@ -226,6 +226,35 @@ def test_splice_rejects_a_row_with_the_wrong_number_of_slots():
         m.splice(ids, m.model.embed_tokens(ids), feats)
 
 
+@torch.no_grad()
+def test_text_only_rows_pass_through_a_batch_with_images():
+    """A text-only row (image_index -1, no <im_patch> slots) batched before two image rows: each
+    image row gets the logits it gets alone with its image, and the text-only row those of the plain
+    LLaMA forward on its ids. (Features gathered for every index, -1 included, would fill the image
+    rows' slots with images 1 and 0, the text row's share first: both comparisons would fail.)"""
+    m = tiny_muffin()
+    ids, images = muffin_inputs(TINY)
+    text = torch.randint(0, TINY.im_patch_id, (1, ids.shape[1]), generator=torch.Generator().manual_seed(1))
+    rows = torch.cat([text, ids])
+    logits = m(rows, images=images, image_index=torch.tensor([-1, 0, 1]))
+    for r, i in ((1, 0), (2, 1)):
+        torch.testing.assert_close(logits[r], m(rows[r:r + 1], images=images[i:i + 1])[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[0], LLaMA.forward(m, text)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_splice_names_the_rows_whose_slots_do_not_fit():
+    """n_query slots in a row with an image, none in a text-only row: a text-only row with slots
+    and an image row without are both refused, by row number."""
+    m = tiny_muffin()
+    n, patch = TINY.n_query, TINY.im_patch_id
+    ids = torch.zeros(3, n + 2, dtype=torch.long)
+    ids[0, 1:1 + n] = patch
+    ids[1, 1:1 + n] = patch  # slots, but image_index -1
+    feats = torch.randn(2, n, TINY.llm.hidden_size)
+    with pytest.raises(ValueError, match=r"rows \[1, 2\] are wrong"):
+        m.splice(ids, m.model.embed_tokens(ids), feats, torch.tensor([0, -1, 1]))
+
+
 # --- checkpoints ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -272,38 +301,90 @@ def test_loads_sharded_hf_checkpoint(tmp_path, fmt):
     assert torch.equal(loaded(ids), src(ids))
 
 
-@torch.no_grad()
-def test_loads_official_muffin_release_layout(tmp_path):
-    """The openbmb/RLHF-V release layout: fp32 .bin shards with pytorch_model.bin.index.json, keys
-    model.vision_tower.beit3.* / model.query / model.mm_projector.* / model.layers.* / lm_head.weight
-    (plus the rotary inv_freq buffers transformers 4.28 saved), a transformers-4.28 config.json with
-    the mm_* fields, and added_tokens.json giving the <im_patch> id. The tower's shape is read off its
-    weights (head dim 64 as in every BEiT-3 release), so this tower is 64 wide; the decoder is
-    LLaMA-1-like (no GQA, 2048 positions), as the 4.28 config.json cannot say otherwise."""
-    llm = replace(TINY.llm, num_key_value_heads=4, max_position_embeddings=2048)
-    vision = BEiT3Config(img_size=32, patch_size=8, dim=64, depth=2, heads=1, ffn_dim=128)
-    config = replace(TINY, llm=llm, vision=vision)
-    src = tiny_muffin(config=config)
-    c = config.llm
+def write_release(path, src, added_tokens=True, **fields):
+    """src in the openbmb/RLHF-V release layout: fp32 .bin shards with pytorch_model.bin.index.json,
+    keys model.vision_tower.beit3.* / model.query / model.mm_projector.* / model.layers.* /
+    lm_head.weight (plus the rotary inv_freq buffers transformers 4.28 saved), a transformers-4.28
+    config.json with the mm_* fields (and `fields`), and added_tokens.json unless told not to."""
+    c = src.config.llm
     sd = dict(src.state_dict())
     for i in range(c.num_hidden_layers):
         sd[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(c.head_dim // 2)
-    write_shards(tmp_path, sd, "bin")
-    write_json(tmp_path / "config.json", {
+    write_shards(path, sd, "bin")
+    write_json(path / "config.json", {
         "architectures": ["Beit3LlavaLlamaForCausalLM"], "model_type": "beit3_llava",
         "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
         "num_attention_heads": c.num_attention_heads, "num_hidden_layers": c.num_hidden_layers,
         "vocab_size": c.vocab_size, "hidden_act": "silu",
         "rms_norm_eps": c.rms_norm_eps, "max_sequence_length": 2048, "tie_word_embeddings": False,
-        "mm_vision_tower": "beit3_large_patch16_448", "num_query": config.n_query, "use_mm_proj": True,
+        "mm_vision_tower": "beit3_large_patch16_448", "num_query": src.config.n_query, "use_mm_proj": True,
         "mm_use_im_start_end": True, "fully_tune": True, "torch_dtype": "float32",
-        "transformers_version": "4.28.0.dev0"})
+        "transformers_version": "4.28.0.dev0", **fields})
     v = c.vocab_size
-    write_json(tmp_path / "added_tokens.json",
-               {"[PAD]": v - 4, "<im_patch>": v - 3, "<im_start>": v - 2, "<im_end>": v - 1})
+    if added_tokens:
+        write_json(path / "added_tokens.json",
+                   {"[PAD]": v - 4, "<im_patch>": v - 3, "<im_start>": v - 2, "<im_end>": v - 1})
+
+
+RELEASE_LLM = replace(TINY.llm, num_key_value_heads=4, max_position_embeddings=2048)
+
+
+@torch.no_grad()
+def test_loads_official_muffin_release_layout(tmp_path):
+    """The openbmb/RLHF-V release layout (write_release), added_tokens.json giving the <im_patch>
+    id. The tower's shape is read off its weights (head dim 64 as in every BEiT-3 release), so this
+    tower is 64 wide; the decoder is LLaMA-1-like (no GQA, 2048 positions), as the 4.28 config.json
+    cannot say otherwise."""
+    vision = BEiT3Config(img_size=32, patch_size=8, dim=64, depth=2, heads=1, ffn_dim=128)
+    config = replace(TINY, llm=RELEASE_LLM, vision=vision)
+    src = tiny_muffin(config=config)
+    write_release(tmp_path, src)
     loaded = Muffin.from_pretrained(tmp_path).eval()
     assert loaded.config == config
     ids, images = muffin_inputs(config)
+    assert torch.equal(loaded(ids, images=images), src(ids, images=images))
+
+
+@torch.no_grad()
+def test_release_im_patch_id_from_added_tokens_else_tokenizer_else_vocabulary(tmp_path, tok):
+    """Without added_tokens.json the <im_patch> id of a release comes from its tokenizer.model (its
+    size + 1: Muffin appends [PAD], <im_patch>, <im_start>, <im_end>), else from the embedding
+    (size - 3), here 401 of a 404-token vocabulary either way, never LLaMA's 32001. When the model
+    and the tokenizer disagree, check_tokenizer names the file the model's id came from."""
+    from data import check_tokenizer
+    config = replace(TINY, llm=replace(RELEASE_LLM, vocab_size=tok.vocab_size), im_patch_id=tok.im_patch_id)
+    write_release(tmp_path, tiny_muffin(config=config), added_tokens=False)
+    (tmp_path / "tokenizer.model").write_bytes(tok.sp.serialized_model_proto())
+    loaded = Muffin.from_pretrained(tmp_path)
+    assert loaded.config.im_patch_id == tok.sp.get_piece_size() + 1 == 401
+    assert loaded.config.im_patch_source == str(tmp_path / "tokenizer.model")
+    check_tokenizer(tok, loaded.config, "tok.model")  # agrees: no error
+    os.remove(tmp_path / "tokenizer.model")
+    loaded = Muffin.from_pretrained(tmp_path)
+    assert loaded.config.im_patch_id == 401 and loaded.config.im_patch_source == str(tmp_path / "config.json")
+    write_json(tmp_path / "added_tokens.json", {"[PAD]": 400, "<im_patch>": 402})
+    loaded = Muffin.from_pretrained(tmp_path)
+    assert loaded.config.im_patch_id == 402
+    with pytest.raises(SystemExit, match=re.escape(f"402 (<im_patch> from {tmp_path / 'added_tokens.json'})")):
+        check_tokenizer(tok, loaded.config, "tok.model")
+
+
+@torch.no_grad()
+def test_release_tower_heads_from_a_vision_config_field(tmp_path):
+    """The weights cannot tell how a BEiT-3 splits into heads: without a config field the loader
+    guesses dim // 64 (1 for this 64-wide tower), with `vision_config.num_attention_heads` it
+    takes the field (2), and only then are the logits those of the 2-head model saved."""
+    vision = BEiT3Config(img_size=32, patch_size=8, dim=64, depth=2, heads=2, ffn_dim=128)
+    config = replace(TINY, llm=RELEASE_LLM, vision=vision)
+    src = tiny_muffin(config=config)
+    ids, images = muffin_inputs(config)
+    write_release(tmp_path, src)
+    guessed = Muffin.from_pretrained(tmp_path).eval()
+    assert guessed.config.vision.heads == 1
+    assert not torch.allclose(guessed(ids, images=images), src(ids, images=images))
+    write_release(tmp_path, src, vision_config={"num_attention_heads": 2})
+    loaded = Muffin.from_pretrained(tmp_path).eval()
+    assert loaded.config == config
     assert torch.equal(loaded(ids, images=images), src(ids, images=images))
 
 

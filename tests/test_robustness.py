@@ -129,20 +129,22 @@ def test_every_mode_becomes_the_rgb_it_shows(blob, expected):
 # ------------------------------------------------------------------------------------ records
 
 def test_bad_rows_name_file_row_and_key(tmp_path):
-    """A TSV row with bad base64 (image or text column), a JSONL row without its image key, with a
-    number or null for a text field, and a byte-order mark before line 1 (read, not refused).
-    Wrong TSV column counts, broken JSON lines and missing images are in test_data.py."""
+    """A TSV row with bad base64 (image or text column), a JSONL row with a number for its image or
+    a number or null for a text field, and a byte-order mark before line 1 (read, not refused). A
+    JSONL row without its image key is no error but a text-only row (test_data.py has it, with
+    wrong TSV column counts, broken JSON lines and missing images)."""
     Image.new("RGB", (4, 4), (9, 9, 9)).save(tmp_path / "a.png")
     good = {"image": "a.png", "question": "Q?", "chosen": "C.", "rejected": "R."}
     lines = [good, {k: v for k, v in good.items() if k != "image"}, {**good, "chosen": 5},
-             {**good, "rejected": None}]
+             {**good, "rejected": None}, {**good, "image": 5}]
     (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in lines).encode())
     rows = Records(tmp_path / "d.jsonl")
     assert rows[0]["image"].getpixel((0, 0)) == (9, 9, 9) and rows[0]["chosen"] == "C."
     where = f"{tmp_path / 'd.jsonl'}"
-    assert rows[1]["error"] == f"{where}:2: KeyError: 'image'"
+    assert rows[1]["image"] is None and rows[1]["chosen"] == "C." and "error" not in rows[1]
     assert rows[2]["error"] == f"{where}:3: TypeError: chosen is int, not text"
     assert rows[3]["error"] == f"{where}:4: TypeError: rejected is NoneType, not text"
+    assert rows[4]["error"].startswith(f"{where}:5: TypeError: ")
 
     b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
     text = b64(json.dumps(["Q?", "C.", "R."]).encode())

@@ -1,4 +1,6 @@
 """sample.generate: batched, left-padded, KV-cached decoding equals naive recomputation."""
+import json
+
 import torch
 from PIL import Image
 
@@ -45,3 +47,16 @@ def test_sampling_respects_top_p_and_repetition_penalty():
     assert draws == {0}
     draws = {sample.next_token(logits, ~seen, 1.0, 1.0, 1.0).item() for _ in range(200)}
     assert draws == {0, 1}
+
+
+def test_main_prompts_with_the_bos_the_checkpoints_files_name(tok, dataset, init_ckpt, monkeypatch):
+    """sample.py reads the checkpoint's special_tokens_map.json: with BOS = "</s>" (Muffin's v0
+    script) the prompt starts with id 2, as in training; without the file with <s> (1)."""
+    firsts, forward = [], Muffin.forward
+    monkeypatch.setattr(Muffin, "forward", lambda m, ids, **kw: firsts.append(int(ids[0, 0])) or forward(m, ids, **kw))
+    args = [f"--ckpt={init_ckpt}", f"--image={dataset / 'images' / '0.png'}", "--device=cpu", "--max_new_tokens=1"]
+    sample.main(args)
+    with open(init_ckpt / "special_tokens_map.json", "w") as f:
+        json.dump({"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "[PAD]"}, f)
+    sample.main(args)
+    assert firsts == [1, 2]  # one prefill each: a single new token needs no decode step

@@ -7,8 +7,8 @@ import torch
 
 import ddpo
 import train
-from data import Batcher, Records
 from conftest import FP32_REL, assert_close_at_scale, ddpo_config as config
+from data import Batcher, Records, Tokenizer
 from model import Muffin
 
 
@@ -70,6 +70,46 @@ def test_resume_reproduces_the_losses(tmp_path, dataset, init_ckpt, monkeypatch)
     train.train(cfg)
     full, cut = losses(tmp_path / "full" / "run"), losses(tmp_path / "cut" / "run")
     assert len(cut) == 6 and cut[3:] == full[3:]
+
+
+def test_ddpo_on_mixed_data_and_sft_on_text_only_data(tmp_path, dataset, init_ckpt):
+    """DDPO on pairs of which every other one has no image (no `image` key, or null), and SFT on
+    answers none of which has one (every batch then has images None): the reference pass caches
+    the text-only pairs too, the losses are finite, and DDPO starts at ln 2."""
+    rows = [json.loads(line) for line in open(dataset / "pairs.jsonl")]
+    for i, r in enumerate(rows):
+        r["image"] = str(dataset / r["image"]) if i % 2 else None
+        if i % 4 == 0:
+            del r["image"]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"question": r["question"], "answer": r["chosen"]})
+                                                 + "\n" for r in rows))
+    cfg = config(tmp_path, dataset, init_ckpt, data=str(tmp_path / "mixed.jsonl"), steps=2)
+    train.train(cfg)
+    seen = losses(tmp_path / "run")
+    assert seen[0] == pytest.approx(0.6931, abs=1e-3) and all(math.isfinite(x) for x in seen)
+    from safetensors.torch import load_file
+    cached = load_file(tmp_path / "run" / "ref_logps.safetensors")
+    records = Records(tmp_path / "mixed.jsonl")
+    assert {f"{records[i]['id']}/chosen" for i in range(len(records))} <= cached.keys()
+    cfg = config(tmp_path, dataset, init_ckpt, stage="sft", data=str(tmp_path / "text.jsonl"),
+                 out_dir=str(tmp_path / "sft"), steps=2)
+    train.train(cfg)
+    seen = losses(tmp_path / "sft")
+    assert len(seen) == 2 and all(math.isfinite(x) for x in seen)
+
+
+def test_a_checkpoint_with_eos_as_bos_trains_and_saves_with_it(tmp_path, dataset, init_ckpt, monkeypatch):
+    """A checkpoint whose special_tokens_map.json says BOS = EOS = "</s>" (what Muffin's v0 script
+    saves): every row of the reference pass and of the steps starts with id 2, not <s> (1), and the
+    checkpoint written carries the file, so the next stage or sample.py prepends 2 as well."""
+    with open(init_ckpt / "special_tokens_map.json", "w") as f:
+        json.dump({"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "[PAD]"}, f)
+    firsts, forward = [], Muffin.forward
+    monkeypatch.setattr(Muffin, "forward", lambda m, ids, **kw: firsts.append(ids[:, 0]) or forward(m, ids, **kw))
+    train.train(config(tmp_path, dataset, init_ckpt, steps=1))
+    assert len(firsts) > 1 and torch.cat(firsts).unique().tolist() == [2]
+    assert Tokenizer.from_pretrained(tmp_path / "run").bos_id == 2
 
 
 def test_cached_reference_equals_online_reference(tmp_path, dataset, init_ckpt, tok):
