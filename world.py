@@ -8,6 +8,7 @@ is all three, with the standard library and Pillow only:
     scenes   make_world -> Scene (1-4 shapes on a G x G grid, one per cell), render -> image
     text     describe (a correct detailed description), sft_examples (the noisy SFT data), corpus
     judge    parse -> claims, check -> verdicts, correct (the annotator), score (Object HalBench)
+             and outcomes (what score counts in each answer, for intervals over scenes)
     report   draw_report -> PNG of training curves and hallucination rates per arm
 
 How hallucinations arise. Real MLLMs learn to hallucinate from noisy web captions, not from poor
@@ -245,7 +246,8 @@ Span = namedtuple("Span", "text start end")
 Mention = namedtuple("Mention", "shape colour size place where sentence")  # a small red circle ...
 Count = namedtuple("Count", "n phrase verb noun sentence")  # (There) are three objects
 Relation = namedtuple("Relation", "a rel b sentence")  # The red circle | is above | the blue square
-# type: object, attribute, count or relation; claim: the words judged; edits: (start, end, new text)
+# type: object, attribute, count or relation; claim: the Span of the words judged (what a report
+# marks); edits: (start, end, new text)
 Verdict = namedtuple("Verdict", "type claim ok edits")
 
 
@@ -331,7 +333,7 @@ def _attributes(m, o, grid):
         if span:
             ok = (PLACES[m.where] if kind == "relation" else span.text.lower()) == truth
             fix = ((span.start, span.end, _like(span.text, truth)),)
-            out.append(Verdict(kind, span.text, ok, () if ok else fix))
+            out.append(Verdict(kind, span, ok, () if ok else fix))
     return out
 
 
@@ -355,9 +357,9 @@ def _judge(scene, answer):
         if isinstance(c, Count):
             fixed = f"{'is' if n == 1 else 'are'} " * bool(c.verb) + f"{NUMBERS[n - 1]} {c.noun}"
             fix = ((c.phrase.start, c.phrase.end, _like(c.phrase.text, fixed + "s" * (n != 1))),)
-            verdicts.append(Verdict("count", c.phrase.text, c.n == n, () if c.n == n else fix))
+            verdicts.append(Verdict("count", c.phrase, c.n == n, () if c.n == n else fix))
         elif isinstance(c, Mention) and c in owner:
-            said = [Verdict("object", c.shape.text, True, ())] + _attributes(c, owner[c], grid)
+            said = [Verdict("object", c.shape, True, ())] + _attributes(c, owner[c], grid)
             verdicts += said
             covered += all(v.ok for v in said)
         elif isinstance(c, Mention):  # no such object: describe one the answer left out, or drop it
@@ -367,7 +369,7 @@ def _judge(scene, answer):
                 new = zip((c.shape, c.colour, c.size, c.place),
                           (o.shape, o.colour, o.size, _place(o, grid)))
                 fix = tuple((s.start, s.end, _like(s.text, t)) for s, t in new if s)
-            verdicts.append(Verdict("object", c.shape.text, False, fix))
+            verdicts.append(Verdict("object", c.shape, False, fix))
         else:  # a relation refers back to two different objects, without using them up
             pairs = [(a, b) for a in scene.objects for b in scene.objects if a != b
                      and (a.shape, b.shape) == (c.a.shape.text.lower(), c.b.shape.text.lower())]
@@ -375,14 +377,14 @@ def _judge(scene, answer):
                 shapes = {o.shape for o in scene.objects}
                 gone = c.a if c.a.shape.text.lower() not in shapes else c.b
                 fix = (_drop(answer, c.sentence),)
-                verdicts.append(Verdict("object", gone.shape.text, False, fix))
+                verdicts.append(Verdict("object", gone.shape, False, fix))
                 continue
             a, b = max(pairs, key=lambda p: _fit(c.a, p[0], grid) + _fit(c.b, p[1], grid))
             verdicts += _attributes(c.a, a, grid) + _attributes(c.b, b, grid)
             said = c.rel.text.lower()
             ok = RELATIONS[said](a, b)
             fix = ((c.rel.start, c.rel.end, _like(c.rel.text, _true_relation(a, b, said))),)
-            verdicts.append(Verdict("relation", c.rel.text, ok, () if ok else fix))
+            verdicts.append(Verdict("relation", c.rel, ok, () if ok else fix))
     return claims, verdicts, covered
 
 
@@ -407,6 +409,31 @@ def correct(scene, answer):
     return "".join(out) + answer[at:]
 
 
+TYPES = ("object", "attribute", "count", "relation")
+# Each rate of score as (numerator, denominator): keys of outcomes, summed over the answers (None:
+# the number of answers). Every rate is a ratio of sums, so resampling scenes recomputes it.
+RATES = {"response_rate": ("hallucinated", "mentions"), "mention_rate": ("invented", "said"),
+         **{t: (t, None) for t in TYPES}, "coverage": ("coverage", None)}
+
+
+def outcomes(scenes, answers):
+    """What score counts in each answer, one dict per (scene, answer):
+    mentions, hallucinated   1 if the answer mentions an object; 1 if it also has a hallucination;
+    said, invented           distinct object words (as CHAIR_i counts them); those not in the scene;
+    object, ..., relation    1 if the answer has a hallucination of that type;
+    coverage                 share of the scene's objects described without error."""
+    out = []
+    for scene, answer in zip(scenes, answers, strict=True):
+        claims, verdicts, covered = _judge(scene, answer)
+        shapes = {m.shape.text.lower() for c in claims if not isinstance(c, Count)
+                  for m in ((c.a, c.b) if isinstance(c, Relation) else (c,))}
+        wrong = {v.type for v in verdicts if not v.ok}
+        out.append({"mentions": int(bool(shapes)), "hallucinated": int(bool(shapes and wrong)),
+                    "said": len(shapes), "invented": len(shapes - {o.shape for o in scene.objects}),
+                    **{t: int(t in wrong) for t in TYPES}, "coverage": covered / len(scene.objects)})
+    return out
+
+
 def score(scenes, answers):
     """Object HalBench-style rates, as plain floats, over answers to DESCRIBE_PROMPTS:
     response_rate  answers with a hallucination / answers that mention an object;
@@ -414,25 +441,10 @@ def score(scenes, answers):
     object, attribute, count, relation   answers with a hallucination of that type / all answers;
     coverage       mean share of the scene's objects described without error, so that saying
                    less cannot pass for hallucinating less."""
-    types = ("object", "attribute", "count", "relation")
-    mentioning = hallucinating = said = invented = 0
-    having, coverage = dict.fromkeys(types, 0), 0.0
-    for scene, answer in zip(scenes, answers, strict=True):
-        claims, verdicts, covered = _judge(scene, answer)
-        shapes = {m.shape.text.lower() for c in claims if not isinstance(c, Count)
-                  for m in ((c.a, c.b) if isinstance(c, Relation) else (c,))}
-        wrong = {v.type for v in verdicts if not v.ok}
-        mentioning += bool(shapes)
-        hallucinating += bool(shapes and wrong)
-        said += len(shapes)
-        invented += len(shapes - {o.shape for o in scene.objects})
-        for t in wrong:
-            having[t] += 1
-        coverage += covered / len(scene.objects)
-    n = len(answers)  # max(..., 1): a rate over nothing is 0.0
-    return {"response_rate": hallucinating / max(mentioning, 1),
-            "mention_rate": invented / max(said, 1),
-            **{t: having[t] / max(n, 1) for t in types}, "coverage": coverage / max(n, 1), "n": n}
+    per = outcomes(scenes, answers)
+    total = lambda key: sum(o[key] for o in per) if key else len(per)
+    # max(..., 1): a rate over nothing is 0.0
+    return {rate: total(num) / max(total(den), 1) for rate, (num, den) in RATES.items()} | {"n": len(per)}
 
 
 # -------------------------------------------------------------------------------------- report
