@@ -76,6 +76,7 @@ class TrainConfig:
     sft_steps: int = 1000
     sft_lr: float = 2e-3     # (seed 0, same tower: 1e-3 -> 28.5% of answers hallucinated, 2e-3 -> 22.0%)
     ablation: bool = False   # also run vanilla DPO (gamma 1) and SFT on the corrected answers
+    seeds: str = ""          # "0,1,2": the miniature once per seed (<out_dir>/seed<S>) and a summary
 
 
 def lr_at(step, cfg, lr):
@@ -352,8 +353,8 @@ def save_checkpoint(model, opt, step, cfg, tok_file):
 def main(argv):
     cfg = parse_args(TrainConfig, argv)
     if cfg.stage == "rlhfv":
-        from rlhfv import run  # the miniature's stages, written on top of this file
-        run(cfg)
+        from rlhfv import run, sweep  # the miniature's stages, written on top of this file
+        (sweep if cfg.seeds else run)(cfg)
     elif cfg.stage in ("sft", "ddpo"):
         if not cfg.data or (cfg.stage == "ddpo" and not cfg.init):
             raise SystemExit(f"--stage={cfg.stage} needs --data" + (" and --init" if cfg.stage == "ddpo" else ""))

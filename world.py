@@ -9,7 +9,6 @@ is all three, with the standard library and Pillow only:
     text     describe (a correct detailed description), sft_examples (the noisy SFT data), corpus
     judge    parse -> claims, check -> verdicts, correct (the annotator), score (Object HalBench)
              and outcomes (what score counts in each answer, for intervals over scenes)
-    report   draw_report -> PNG of training curves and hallucination rates per arm
 
 How hallucinations arise. Real MLLMs learn to hallucinate from noisy web captions, not from poor
 eyesight (a model that cannot see learns priors that DPO can only trade for other text-only rules).
@@ -445,55 +444,3 @@ def score(scenes, answers):
     total = lambda key: sum(o[key] for o in per) if key else len(per)
     # max(..., 1): a rate over nothing is 0.0
     return {rate: total(num) / max(total(den), 1) for rate, (num, den) in RATES.items()} | {"n": len(per)}
-
-
-# -------------------------------------------------------------------------------------- report
-
-_ARM_COLOURS = ((120, 120, 120), (31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189))
-_BAR_GROUPS = ("response_rate", "mention_rate", "object", "attribute", "count", "relation",
-               "coverage")
-
-
-def _plot(draw, box, name, points):
-    x0, y0, x1, y1 = box
-    draw.rectangle(box, outline=(160, 160, 160))
-    draw.text((x0, y0 - 14), name, fill="black")
-    if not points:
-        return
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    lo, hi, first, last = min(ys), max(ys), min(xs), max(xs)
-    draw.line([(x0 + (x1 - x0) * (x - first) / ((last - first) or 1),
-                y1 - (y1 - y0) * (y - lo) / ((hi - lo) or 1)) for x, y in points],
-              fill=(31, 119, 180), width=2)
-    draw.text((x0 - 40, y0), f"{hi:.3g}", fill="black")
-    draw.text((x0 - 40, y1 - 10), f"{lo:.3g}", fill="black")
-    draw.text((x0, y1 + 3), f"{first:g}", fill="black")
-    draw.text((x1 - 30, y1 + 3), f"{last:g}", fill="black")
-
-
-def draw_report(path, curves, results):
-    """Write a PNG: a line plot per curve ({name: [(step, value), ...]}), three to a row, then
-    grouped bars of each arm's rates ({arm: score(...)}), one group per rate, in percent."""
-    width, panel, rows = 960, 200, (len(curves) + 2) // 3
-    img = Image.new("RGB", (width, rows * panel + 300), "white")
-    draw = ImageDraw.Draw(img)
-    for k, (name, points) in enumerate(curves.items()):
-        x, y = (k % 3) * width // 3, (k // 3) * panel
-        _plot(draw, (x + 50, y + 25, x + width // 3 - 15, y + panel - 25), name, points)
-    x0, y0, x1, y1 = 50, rows * panel + 50, width - 15, rows * panel + 270
-    draw.text((x0, y0 - 40), "hallucination rates, % (coverage: higher is better)", fill="black")
-    for a, arm in enumerate(results):
-        colour = _ARM_COLOURS[a % len(_ARM_COLOURS)]
-        draw.rectangle((x0 + 400 + 110 * a, y0 - 38, x0 + 410 + 110 * a, y0 - 28), fill=colour)
-        draw.text((x0 + 415 + 110 * a, y0 - 40), arm, fill="black")
-    draw.line((x0, y1, x1, y1), fill="black")
-    step = (x1 - x0) / len(_BAR_GROUPS)
-    bar = 0.8 * step / max(len(results), 1)
-    for g, key in enumerate(_BAR_GROUPS):
-        draw.text((x0 + g * step + 4, y1 + 6), key, fill="black")
-        for a, rates in enumerate(results.values()):
-            left, top = x0 + (g + 0.1) * step + a * bar, y1 - (y1 - y0) * rates[key]
-            colour = _ARM_COLOURS[a % len(_ARM_COLOURS)]
-            draw.rectangle((left, top, left + bar - 2, y1), fill=colour)
-            draw.text((left, top - 12), f"{100 * rates[key]:.0f}", fill="black")
-    img.save(path)

@@ -8,7 +8,6 @@ import random
 
 import pytest
 import sentencepiece as spm
-from PIL import Image
 
 import ddpo
 import world
@@ -235,14 +234,3 @@ def test_corrections_are_what_ddpo_weights():
         return runs + ([sp.decode(run)] if run else [])
     assert weighted(c, chosen_w) == ["three", "red", "right"]
     assert weighted(r, rejected_w) == ["four", "green", "left"]
-
-
-def test_draw_report(tmp_path):
-    curves = {"loss": [(s, 0.7 / (1 + s / 50)) for s in range(0, 200, 10)],
-              "rewards/margins": [(s, s / 100) for s in range(0, 200, 10)],
-              "rewards/accuracies": []}
-    arms = {"sft": score([SCENE], [TRUE.replace("red circle is in", "green circle is in")]),
-            "ddpo": score([SCENE], [TRUE])}
-    world.draw_report(tmp_path / "report.png", curves, arms)
-    img = Image.open(tmp_path / "report.png")
-    assert img.size == (960, 500) and len(img.convert("RGB").getcolors(10_000)) > 3
