@@ -45,7 +45,7 @@ Z = 1.959964  # the normal quantile of 97.5%
 WILSON = ("response_rate", *world.TYPES)  # proportions of answers; the others are bootstrapped
 PAIRED = ("response_rate", "mention_rate", "coverage")
 LABELS = {"sft": "SFT", "ddpo": "DDPO", "dpo": "vanilla DPO", "sft_corrected": "SFT on corrections"}
-COLOURS = {"sft": "#787878", "ddpo": "#1f77b4", "dpo": "#ff7f0e", "sft_corrected": "#2ca02c"}  # same on every page
+COLOURS = {"sft": "#787878", "ddpo": "#1f77b4", "dpo": "#ff7f0e", "sft_corrected": "#2ca02c"}  # on every page
 
 
 def colour(m):
@@ -71,7 +71,8 @@ def resample(n, seed, draws=DRAWS):
     """[draws, n]: how many times each of n scenes is drawn in each of `draws` resamples of n
     scenes with replacement, fixed by the seed (so a sum over a resample is a matrix product)."""
     idx = torch.randint(n, (draws, n), generator=torch.Generator().manual_seed(seed))
-    return torch.zeros(draws, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(draws, n, dtype=torch.float64))
+    ones = torch.ones(draws, n, dtype=torch.float64)
+    return torch.zeros(draws, n, dtype=torch.float64).scatter_add_(1, idx, ones)
 
 
 def rate_draws(strata, rate):
@@ -317,7 +318,8 @@ mark sup{font-size:10px;color:#c62828;margin-left:2px;font-weight:600}
 .card p{margin:0 0 8px;font-size:14px}.tag{font-size:12px;padding:1px 7px;border-radius:9px;color:#fff}
 .who{font-weight:600;font-size:12px;text-transform:uppercase;letter-spacing:.04em;color:#555;display:block}
 .pair{border:1px solid #ddd;border-radius:8px;padding:12px;margin:10px 0;display:flex;gap:14px}
-.pair img{image-rendering:pixelated;border:1px solid #ccc;flex:none}.row{margin:2px 0 8px}.q{margin:0 0 6px;font-style:italic}
+.pair img{image-rendering:pixelated;border:1px solid #ccc;flex:none}.row{margin:2px 0 8px}
+.q{margin:0 0 6px;font-style:italic}
 .t{display:inline-block;border:1px solid #ddd;border-radius:3px;margin:1px;padding:0 2px;white-space:pre;
  font:13px/1.6 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;background:#fafafa}
 .t.g{background:#ffcf40;border-color:#d9a400;font-weight:700}
@@ -348,11 +350,13 @@ def _dot(m):
     return f'<span class="dot" style="background:{colour(m)}"></span>'
 
 
-def _png(img, scale):
-    """A PIL image as a data URI, enlarged with nearest neighbour so pixels stay crisp."""
+def _img(img, scale, alt):
+    """An <img> of a PIL image inlined as PNG, enlarged `scale` times with nearest neighbour so that
+    its pixels stay crisp."""
     buf = io.BytesIO()
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return (f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}" '
+            f'width="{img.width * scale}" height="{img.height * scale}" alt="{_e(alt)}">')
 
 
 def _cell(rate, ci):
@@ -410,7 +414,8 @@ def _headline(results, missing):
         rows.append(f"<tr><td>{_dot(m)}{_e(_label(m))}</td>"
                     + "".join(f"<td>{_cell(results[m][k], results[m]['ci'][k])}</td>" for k in rates)
                     + f"<td>{change(results, m)}</td></tr>")
-    out = [f'<table><tr><th>% of answers (95% interval)</th>{head}<th>response vs SFT</th></tr>{"".join(rows)}</table>',
+    out = [f'<table><tr><th>% of answers (95% interval)</th>{head}<th>response vs SFT</th></tr>'
+           + "".join(rows) + "</table>",
            '<p class="small">response: answers with a hallucination among those that mention an object; '
            "mention: invented object words among object words; object &hellip; relation: answers with a "
            "hallucination of that type; coverage: share of each scene's objects described without error "
@@ -419,8 +424,8 @@ def _headline(results, missing):
     out += [f'<p class="note">{_e(_label(m))}: no evaluation, left out.</p>' for m in missing]
     diffs = [(a, b, d) for a in models for b, d in results[a].get("vs", {}).items()]
     if diffs:
-        out.append("<h3>Paired differences (the same scenes, 95% paired bootstrap)</h3>"
-                   + svg_forest([(f"{_label(a)} \u2212 {_label(b)}", d["response_rate"]) for a, b, d in diffs])
+        forest = svg_forest([(f"{_label(a)} \u2212 {_label(b)}", d["response_rate"]) for a, b, d in diffs])
+        out.append("<h3>Paired differences (the same scenes, 95% paired bootstrap)</h3>" + forest
                    + '<p class="small">better / worse: the first model of the row, where the interval leaves '
                    "out zero (for coverage, higher is better).</p><table><tr><th></th>"
                    + "".join(f"<th>{r.replace('_rate', '')}</th>" for r in PAIRED) + "</tr>")
@@ -445,22 +450,21 @@ def _marked(scene, answer):
     return "".join(out) + _e(answer[at:])
 
 
-KINDS = (("fixed", "#1a7f37"), ("not fixed", "#b26a00"), ("made worse", "#c62828"), ("right both times", "#666"))
+KINDS = {"fixed": "#1a7f37", "not fixed": "#b26a00", "made worse": "#c62828", "right both times": "#666"}
 
 
 def pick_scenes(wrong_sft, wrong_arm, seed, k=12):
     """[(scene index, kind)]: up to k scenes, chosen reproducibly: a scene the arm made worse (if
     any), then up to 7 it fixed and 4 it did not, the rest filled from what is left, in that order.
     wrong_*: the number of wrong claims in each model's answer to each scene."""
-    kinds = {kind: [i for i, (s, a) in enumerate(zip(wrong_sft, wrong_arm)) if test(s, a)]
-             for kind, test in (("fixed", lambda s, a: s and not a), ("not fixed", lambda s, a: s and a),
-                                ("made worse", lambda s, a: not s and a),
-                                ("right both times", lambda s, a: not s and not a))}
-    rng, chosen = random.Random(seed), {kind: [] for kind, _ in KINDS}
-    for kind, quota in (("made worse", 1), ("fixed", 7), ("not fixed", 4), *((kind, k) for kind, _ in KINDS)):
+    kinds = {kind: [] for kind in KINDS}
+    for i, (s, a) in enumerate(zip(wrong_sft, wrong_arm)):
+        kinds[("right both times", "made worse", "fixed", "not fixed")[2 * bool(s) + bool(a)]].append(i)
+    rng, chosen = random.Random(seed), {kind: [] for kind in KINDS}
+    for kind, quota in (("made worse", 1), ("fixed", 7), ("not fixed", 4), *((kind, k) for kind in KINDS)):
         rest = [i for i in kinds[kind] if i not in chosen[kind]]
         chosen[kind] += rng.sample(rest, min(quota, k - sum(map(len, chosen.values())), len(rest)))
-    return [(i, kind) for kind, _ in KINDS for i in sorted(chosen[kind])]
+    return [(i, kind) for kind in KINDS for i in sorted(chosen[kind])]
 
 
 def _scenes(cfg, scenes, answers, main):
@@ -468,7 +472,6 @@ def _scenes(cfg, scenes, answers, main):
         raise ValueError("needs the answers of SFT and of an arm")
     wrong = {m: [sum(not v.ok for v in world.check(s, a)) for s, a in zip(scenes, answers[m])]
              for m in ("sft", main)}
-    tint = dict(KINDS)
     scale = max(1, 192 // cfg.image_size)
     out = [f'<p class="small">Greedy answers of SFT and {_e(_label(main))} to the same held-out '
            "scenes. Every claim the checker judges wrong is <mark>marked<sup>type</sup></mark> (hover for "
@@ -476,13 +479,13 @@ def _scenes(cfg, scenes, answers, main):
            f"{_e(_label(main))} fixed, some it did not, one it made worse if there is one.</p>",
            '<div class="cards">']
     for i, kind in pick_scenes(wrong["sft"], wrong[main], cfg.seed):
-        img = Image.open(os.path.join(cfg.out_dir, "world", "images", f"test{i}.png")).convert("RGB")
+        with Image.open(os.path.join(cfg.out_dir, "world", "images", f"test{i}.png")) as img:
+            picture = _img(img.convert("RGB"), scale, f"held-out scene {i}")
         texts = "".join(f'<span class="who">{_e(_label(m))} &middot; {wrong[m][i]} wrong</span>'
-                        f'<p class="answer" data-scene="{i}" data-model="{_e(m)}">{_marked(scenes[i], answers[m][i])}</p>'
-                        for m in ("sft", main))
-        out.append(f'<div class="card"><img src="{_png(img, scale)}" width="{img.width * scale}" '
-                   f'height="{img.height * scale}" alt="held-out scene {i}"><div><h3>scene {i} '
-                   f'<span class="tag" style="background:{tint[kind]}">{kind}</span></h3>{texts}</div></div>')
+                        f'<p class="answer" data-scene="{i}" data-model="{_e(m)}">'
+                        f"{_marked(scenes[i], answers[m][i])}</p>" for m in ("sft", main))
+        out.append(f'<div class="card">{picture}<div><h3>scene {i} <span class="tag" '
+                   f'style="background:{KINDS[kind]}">{kind}</span></h3>{texts}</div></div>')
     return "\n".join(out + ["</div>"])
 
 
@@ -502,9 +505,11 @@ def pair_tokens(cfg, item, tok, config):
 
 
 def _tokens(pieces, side):
+    """One box per token (a newline shown as \u21b5, SentencePiece's \u2581 as the space it is),
+    the up-weighted ones highlighted."""
     shown = lambda p: "\u21b5" if p == "<0x0A>" else p.replace("\u2581", " ")
-    return "".join(f'<span class="t{" g" if w != 1 else ""}" data-side="{side}" data-i="{k}">{_e(shown(p))}</span>'
-                   for k, (p, w) in enumerate(pieces))
+    return "".join(f'<span class="t{" g" if w != 1 else ""}" data-side="{side}" data-i="{k}">'
+                   f"{_e(shown(p))}</span>" for k, (p, w) in enumerate(pieces))
 
 
 def _pairs(cfg, n=4):
@@ -527,12 +532,12 @@ def _pairs(cfg, n=4):
             out.append(f'<p class="note">pair {i} left out: {_e(item["error"])}</p>')
             continue
         chosen, rejected = pair_tokens(cfg, item, tok, config)
-        img, scale = item["image"], max(1, 128 // item["image"].width)
-        out.append(f'<div class="pair" data-pair="{i}"><img src="{_png(img, scale)}" width="{scale * img.width}" '
-                   f'height="{scale * img.height}" alt="training scene"><div><p class="q">&ldquo;{_e(item["question"])}'
-                   f'&rdquo;</p><span class="who">rejected: the SFT model\'s answer</span>'
-                   f'<div class="row">{_tokens(rejected, "rejected")}</div><span class="who">chosen: the '
-                   f'annotator\'s correction</span><div class="row">{_tokens(chosen, "chosen")}</div></div></div>')
+        picture = _img(item["image"], max(1, 128 // item["image"].width), "training scene")
+        out.append(f'<div class="pair" data-pair="{i}">{picture}<div><p class="q">&ldquo;'
+                   f'{_e(item["question"])}&rdquo;</p><span class="who">rejected: the SFT model\'s answer'
+                   f'</span><div class="row">{_tokens(rejected, "rejected")}</div><span class="who">chosen: '
+                   f'the annotator\'s correction</span><div class="row">{_tokens(chosen, "chosen")}</div>'
+                   "</div></div>")
     return "\n".join(out)
 
 
@@ -553,7 +558,8 @@ def svg_plot(title, ylabel, lines, width=540, height=280):
         out.append(f'<line x1="{left}" x2="{width - right}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="#eee"/>'
                    f'<text x="{left - 6}" y="{Y(v) + 4:.1f}" text-anchor="end" fill="#555">{fmt(v)}</text>')
     for v in xt:
-        out.append(f'<text x="{X(v):.1f}" y="{height - bottom + 15}" text-anchor="middle" fill="#555">{fmt(v)}</text>')
+        out.append(f'<text x="{X(v):.1f}" y="{height - bottom + 15}" text-anchor="middle" fill="#555">'
+                   f"{fmt(v)}</text>")
     out.append(f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
                'fill="none" stroke="#999"/>'
                f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">step</text>'
@@ -563,8 +569,8 @@ def svg_plot(title, ylabel, lines, width=540, height=280):
     for name, pts in lines.items():
         path = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in pts)
         out.append(f'<polyline points="{path}" fill="none" stroke="{colour(name)}" stroke-width="1.6"/>'
-                   f'<line x1="{at}" x2="{at + 18}" y1="32" y2="32" stroke="{colour(name)}" stroke-width="3"/>'
-                   f'<text x="{at + 23}" y="36">{_e(_label(name))}</text>')
+                   f'<line x1="{at}" x2="{at + 18}" y1="32" y2="32" stroke="{colour(name)}" '
+                   f'stroke-width="3"/><text x="{at + 23}" y="36">{_e(_label(name))}</text>')
         at += 23 + 7 * len(_label(name)) + 16  # ~7 px a character at 11 px
     return "\n".join(out + ["</svg>"])
 
@@ -580,14 +586,16 @@ def svg_forest(rows, width=620):
            f'viewBox="0 0 {width} {height}" font-family="system-ui,sans-serif" font-size="12">',
            f'<text x="{left}" y="14" font-size="13" font-weight="600">response-level rate, difference '
            "in points</text>"]
+    bottom = top + h * len(rows)
     for v in xt:
         line = 'stroke="#555" stroke-dasharray="4 3"' if v == 0 else 'stroke="#eee"'
-        out.append(f'<line x1="{X(v):.1f}" x2="{X(v):.1f}" y1="{top - 6}" y2="{top + h * len(rows)}" {line}/>'
-                   f'<text x="{X(v):.1f}" y="{top + h * len(rows) + 16}" text-anchor="middle" fill="#555">{v:+g}</text>'.replace(">+0<", ">0<"))
+        out.append(f'<line x1="{X(v):.1f}" x2="{X(v):.1f}" y1="{top - 6}" y2="{bottom}" {line}/><text '
+                   f'x="{X(v):.1f}" y="{bottom + 16}" text-anchor="middle" fill="#555">{v:+g}</text>'
+                   .replace(">+0<", ">0<"))
     for k, (label, d) in enumerate(rows):
         y, tint = top + h * k + h / 2, "#c62828" if d[1] > 0 else "#1a7f37" if d[2] < 0 else "#888"
-        out.append(f'<text x="{left - 10}" y="{y + 4}" text-anchor="end">{_e(label)}</text>'
-                   f'<line x1="{X(100 * d[1]):.1f}" x2="{X(100 * d[2]):.1f}" y1="{y}" y2="{y}" stroke="{tint}" '
+        out.append(f'<text x="{left - 10}" y="{y + 4}" text-anchor="end">{_e(label)}</text><line '
+                   f'x1="{X(100 * d[1]):.1f}" x2="{X(100 * d[2]):.1f}" y1="{y}" y2="{y}" stroke="{tint}" '
                    f'stroke-width="3"/><circle cx="{X(100 * d[0]):.1f}" cy="{y}" r="5" fill="{tint}"/>')
     return "\n".join(out + ["</svg>"])
 
@@ -610,10 +618,10 @@ def _footer(cfg, seeds=None):
         with open(path) as f:
             times = ", ".join(f"{_e(k)} {v:.0f} s" for k, v in json.load(f).items())
     times = "on each seed's page" if seeds else times
-    return (f"<footer><code>{_e(shlex.join(['python', *sys.argv]))}</code><br>"
-            f"{_e(f'seeds {seeds}' if seeds else f'seed {cfg.seed}')} &middot; torch {_e(torch.__version__)} &middot; device "
-            f"{_e(cfg.device)}<br>wall time per stage (a cached stage keeps the time of the run that made "
-            f"it): {times}</footer>")
+    which = f"seeds {seeds}" if seeds else f"seed {cfg.seed}"
+    return (f"<footer><code>{_e(shlex.join(['python', *sys.argv]))}</code><br>{_e(which)} &middot; "
+            f"torch {_e(torch.__version__)} &middot; device {_e(cfg.device)}<br>wall time per stage (a "
+            f"cached stage keeps the time of the run that made it): {times}</footer>")
 
 
 # ---------------------------------------------------------------------------------------- sweep
@@ -624,14 +632,15 @@ def sweep_summary(runs):
     response-level rate of each model (Wilson) and the paired differences of the first arm (DDPO)
     against every other model; pooled over all scenes of all seeds, resampled within each seed."""
     counts = {s: resample(len(next(iter(o.values()))), s) for s, o in runs.items()}
-    models = list(next(iter(runs.values())))
+    models = [m for m in next(iter(runs.values())) if all(m in r for r in runs.values())]  # in every seed
     main = next((m for m in models if m != "sft"), None)
 
     def row(seeds):
         strata = {m: [(runs[s][m], counts[s]) for s in seeds] for m in models}
         rate = {m: [pooled([o for per, _ in strata[m] for o in per], "response_rate"),
                     *rate_interval(strata[m], "response_rate")] for m in models}
-        diff = {f"{main} - {b}": paired(strata[main], strata[b], "response_rate") for b in models if b != main}
+        diff = {f"{main} - {b}": paired(strata[main], strata[b], "response_rate")
+                for b in models if b != main}
         return {"rate": rate, "diff": diff}
 
     return {"seeds": list(runs), "per_seed": {str(s): row([s]) for s in runs}, "pooled": row(list(runs))}
@@ -656,23 +665,26 @@ def sweep_markdown(summary):
 def sweep_page(cfg, summary):
     """The sweep's report.html: the rates and differences of every seed and pooled, as a table and as
     intervals about zero, each seed linked to its own page."""
-    models, rows = list(summary["pooled"]["rate"]), [*summary["per_seed"].items(), ("pooled", summary["pooled"])]
-    diffs = list(summary["pooled"]["diff"])
+    pooled_row, seeds = summary["pooled"], list(summary["per_seed"])
+    rows = [*summary["per_seed"].items(), ("pooled", pooled_row)]
     name = lambda d: " \u2212 ".join(map(_label, d.split(" - ")))
-    head = "".join(f"<th>{_dot(m)}{_e(_label(m))}</th>" for m in models) + "".join(f"<th>{_e(name(d))}</th>" for d in diffs)
+    head = "".join(f"<th>{_dot(m)}{_e(_label(m))}</th>" for m in pooled_row["rate"])
+    head += "".join(f"<th>{_e(name(d))}</th>" for d in pooled_row["diff"])
     table = []
     for seed, row in rows:
         link = f'<a href="seed{seed}/report.html">seed {seed}</a>' if seed != "pooled" else "<b>pooled</b>"
-        table.append(f"<tr><td>{link}</td>" + "".join(f"<td>{_cell(v[0], v[1:])}</td>" for v in row["rate"].values())
-                     + "".join(f"<td>{_diff(row['diff'][d])}</td>" for d in diffs) + "</tr>")
-    forest = svg_forest([(f"{name(d)}, {'seed ' + seed if seed != 'pooled' else 'pooled'}", row["diff"][d])
-                         for d in diffs for seed, row in rows])
-    title = f"RLHF-V in miniature, seeds {', '.join(summary['per_seed'])}"
+        table.append(f"<tr><td>{link}</td>"
+                     + "".join(f"<td>{_cell(v[0], v[1:])}</td>" for v in row["rate"].values())
+                     + "".join(f"<td>{_diff(d)}</td>" for d in row["diff"].values()) + "</tr>")
+    forest = svg_forest([(f"{name(d)}, {'pooled' if seed == 'pooled' else 'seed ' + seed}", row["diff"][d])
+                         for d in pooled_row["diff"] for seed, row in rows])
+    title = f"RLHF-V in miniature, seeds {', '.join(seeds)}"
     return _shell(title, f"<h1>{_e(title)}</h1><p class=sub>each seed's own page is linked from its row</p>"
-                  f"<h2>Response-level hallucination rate</h2><table><tr><th>seed</th>{head}</tr>{''.join(table)}"
-                  '</table><p class="small">% of answers that mention an object and hallucinate, Wilson 95% '
-                  "interval; differences in points with their 95% paired bootstrap interval (pooled: all scenes "
-                  f"of all seeds, resampled within each seed).</p>{forest}" + _footer(cfg, ",".join(summary["per_seed"])))
+                  f"<h2>Response-level hallucination rate</h2><table><tr><th>seed</th>{head}</tr>"
+                  + "".join(table) + '</table><p class="small">% of answers that mention an object and '
+                  "hallucinate, Wilson 95% interval; differences in points with their 95% paired bootstrap "
+                  "interval (pooled: all scenes of all seeds, resampled within each seed).</p>"
+                  + forest + _footer(cfg, ",".join(seeds)))
 
 
 def write_sweep(cfg, runs):

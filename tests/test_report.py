@@ -86,8 +86,8 @@ def test_sweep_writes_its_table(tmp_path):
     for seed in (0, 1):
         _, scenes = world.make_world(seed, 0, 30)
         rng = random.Random(seed)
-        runs[seed] = (scenes, {"sft": [world.describe(world._careless(s, rng, 1.0, 1.0), rng) for s in scenes],
-                               "ddpo": [world.describe(s, rng) for s in scenes], "dpo": None})
+        careless = [world.describe(world._careless(s, rng, 1.0, 1.0), rng) for s in scenes]
+        runs[seed] = (scenes, {"sft": careless, "ddpo": [world.describe(s, rng) for s in scenes], "dpo": None})
     cfg = SimpleNamespace(out_dir=str(tmp_path), seed=0, seeds="0,1", device="cpu")
     report.write_sweep(cfg, runs)
     summary = json.loads((tmp_path / "sweep.json").read_text())
@@ -103,7 +103,7 @@ def test_draw_png(tmp_path):
     scene = world.Scene(3, (world.Obj("circle", "red", "small", 0, 0),))
     results = report.summarise({"sft": world.outcomes([scene] * 2, ["There is a small green circle."] * 2),
                                 "ddpo": world.outcomes([scene] * 2, ["There is a small red circle."] * 2)}, 0)
-    panels = {"SFT (the reference model): loss": ("loss per token", {"sft": [(s, 1 / (1 + s)) for s in range(50)]}),
+    panels = {"SFT: loss": ("loss per token", {"sft": [(s, 1 / (1 + s)) for s in range(50)]}),
               "Arms: reward margin": ("margin", {"ddpo": [(1, 0.0), (2, 0.3)], "dpo": [(1, 0.0)]})}
     report.draw_png(tmp_path / "report.png", panels, results)
     img = Image.open(tmp_path / "report.png")
