@@ -264,17 +264,17 @@ def draw_png(path, panels, results):
     rates as bars with their 95% intervals as whiskers."""
     fonts = ImageFont.load_default(size=13), ImageFont.load_default(size=16)
     width, pw, ph, rows = 1120, 560, 280, (len(panels) + 1) // 2
-    img = Image.new("RGB", (width, rows * ph + 360), "white")
+    img = Image.new("RGB", (width, rows * ph + 380), "white")
     draw = ImageDraw.Draw(img)
     for k, (title, (ylabel, lines)) in enumerate(panels.items()):
         x, y = (k % 2) * pw, (k // 2) * ph
         _png_plot(img, draw, (x + 76, y + 60, x + pw - 30, y + ph - 50), title, ylabel, lines, fonts)
-    x0, y0, x1, y1 = 76, rows * ph + 70, width - 30, rows * ph + 310
-    draw.text((x0, y0 - 44), "Hallucination rates with 95% intervals (coverage: higher is better)",
+    x0, y0, x1, y1 = 76, rows * ph + 90, width - 30, rows * ph + 330
+    draw.text((x0, y0 - 66), "Hallucination rates with 95% intervals (coverage: higher is better)",
               fill="black", font=fonts[1])
     for a, m in enumerate(results):
-        draw.rectangle((x0 + 170 * a, y0 - 18, x0 + 170 * a + 11, y0 - 7), fill=colour(m))
-        draw.text((x0 + 170 * a + 16, y0 - 13), _label(m), fill="black", font=fonts[0], anchor="lm")
+        draw.rectangle((x0 + 170 * a, y0 - 42, x0 + 170 * a + 11, y0 - 31), fill=colour(m))
+        draw.text((x0 + 170 * a + 16, y0 - 37), _label(m), fill="black", font=fonts[0], anchor="lm")
     for v in (0, 25, 50, 75, 100):
         y = y1 - (y1 - y0) * v / 100
         draw.line((x0, y, x1, y), fill=(235, 235, 235) if v else "black")

@@ -107,7 +107,7 @@ def test_draw_png(tmp_path):
               "Arms: reward margin": ("margin", {"ddpo": [(1, 0.0), (2, 0.3)], "dpo": [(1, 0.0)]})}
     report.draw_png(tmp_path / "report.png", panels, results)
     img = Image.open(tmp_path / "report.png")
-    assert img.size == (1120, 280 + 360) and len(img.convert("RGB").getcolors(100_000)) > 3
+    assert img.size == (1120, 280 + 380) and len(img.convert("RGB").getcolors(100_000)) > 3
 
 
 def test_scenes_are_picked_reproducibly_worse_first():
