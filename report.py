@@ -90,13 +90,6 @@ def interval(draws):
     return lo, hi
 
 
-def pooled(outcomes, rate):
-    """A rate of world.RATES over outcomes pooled from any number of runs (as world.score computes it)."""
-    num, den = world.RATES[rate]
-    total = lambda key: sum(o[key] for o in outcomes) if key else len(outcomes)
-    return total(num) / max(total(den), 1)
-
-
 def rate_interval(strata, rate):
     """95% interval of a rate: Wilson's for a proportion of answers, else the bootstrap's."""
     if rate in WILSON:
@@ -109,8 +102,8 @@ def rate_interval(strata, rate):
 def paired(strata_a, strata_b, rate):
     """[a - b, low, high]: the difference in a rate between two models that answered the same
     scenes, and its paired-bootstrap 95% interval (strata_a and strata_b share their resamples)."""
-    diff = (pooled([o for per, _ in strata_a for o in per], rate)
-            - pooled([o for per, _ in strata_b for o in per], rate))
+    diff = (world.rate([o for per, _ in strata_a for o in per], rate)
+            - world.rate([o for per, _ in strata_b for o in per], rate))
     return [diff, *interval(rate_draws(strata_a, rate) - rate_draws(strata_b, rate))]
 
 
@@ -124,7 +117,7 @@ def summarise(outcomes, seed):
     """{model: world.outcomes} of one run -> results.json's dict (module docstring)."""
     counts = resample(len(next(iter(outcomes.values()))), seed)
     strata = {m: [(per, counts)] for m, per in outcomes.items()}
-    out = {m: {**{r: pooled(per, r) for r in world.RATES}, "n": len(per),
+    out = {m: {**{r: world.rate(per, r) for r in world.RATES}, "n": len(per),
                "ci": {r: list(rate_interval(strata[m], r)) for r in world.RATES}}
            for m, per in outcomes.items()}
     for a, b in pairs(list(outcomes)):
@@ -637,7 +630,7 @@ def sweep_summary(runs):
 
     def row(seeds):
         strata = {m: [(runs[s][m], counts[s]) for s in seeds] for m in models}
-        rate = {m: [pooled([o for per, _ in strata[m] for o in per], "response_rate"),
+        rate = {m: [world.rate([o for per, _ in strata[m] for o in per], "response_rate"),
                     *rate_interval(strata[m], "response_rate")] for m in models}
         diff = {f"{main} - {b}": paired(strata[main], strata[b], "response_rate")
                 for b in models if b != main}

@@ -441,6 +441,11 @@ def score(scenes, answers):
     coverage       mean share of the scene's objects described without error, so that saying
                    less cannot pass for hallucinating less."""
     per = outcomes(scenes, answers)
+    return {name: rate(per, name) for name in RATES} | {"n": len(per)}
+
+
+def rate(per, name):
+    """A rate of RATES over outcomes (of one run, or pooled over several); over nothing, 0.0."""
+    num, den = RATES[name]
     total = lambda key: sum(o[key] for o in per) if key else len(per)
-    # max(..., 1): a rate over nothing is 0.0
-    return {rate: total(num) / max(total(den), 1) for rate, (num, den) in RATES.items()} | {"n": len(per)}
+    return total(num) / max(total(den), 1)
