@@ -18,8 +18,8 @@ the run's seed: the same run gives the same intervals.
 results.json: {model: {the rates of world.score, "n",
                        "ci": {rate: [low, high]},
                        "vs": {other model: {rate: [difference, low, high]}}}}   (fractions, not %)
-with "vs" under the first model of each pair of PAIRS' order: an arm minus SFT, an earlier arm
-minus a later one (DDPO - vanilla DPO).
+with "vs" under the first model of each pair (see pairs): an arm minus SFT, an earlier arm minus a
+later one (DDPO - vanilla DPO).
 """
 import base64
 import html
@@ -393,7 +393,8 @@ def html_page(cfg, scenes, answers, results, panels):
 def _lead(results, main):
     s, a = results["sft"], results[main]
     d = a["vs"]["sft"]["response_rate"]
-    said = f"{_points(d)} ({change(results, main)})" if significant(d) else "no significant difference"
+    rel = change(results, main)
+    said = _points(d) + ((f" ({rel})" if rel else "") if significant(d) else ", no significant difference")
     return (f'<p class="lead">{_e(_label(main))}: <b>{_pct(a["response_rate"])}%</b> of answers '
             f'hallucinate, against <b>{_pct(s["response_rate"])}%</b> after SFT: {said}. Coverage '
             f'{_pct(s["coverage"])}% &rarr; {_pct(a["coverage"])}%.</p>')
