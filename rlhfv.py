@@ -2,26 +2,31 @@
 
     python train.py                  # runs this (stage rlhfv), every stage cached under --out_dir
     python train.py --ablation       # + vanilla DPO (gamma 1) and SFT on the corrected answers
+    python train.py --seeds=0,1,2    # each seed in <out_dir>/seed<S>, then a summary over seeds
     python -m pytest tests/test_rlhfv.py
 
 world + tokenizer -> the tower learns to see (BEiT-3's pre-training, in miniature) -> SFT on noisy
 captions (the reference model) -> its answers on new scenes, corrected segment by segment -> DDPO
-(and the ablation arms) -> evaluation on held-out scenes -> table, results.json, report.png. The
-training stages are calls of train.train, which train.py hands to `run`, and of sample.generate.
+(and the ablation arms) -> evaluation on held-out scenes -> report.py: table, results.json,
+report.png, report.html. The training stages are calls of train.train, which train.py hands to
+`run`, and of sample.generate.
 """
+import contextlib
 import itertools
 import json
 import os
 import random
+import time
 from dataclasses import replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import report
 import world
-from data import SYSTEM, Tokenizer, image_tensor, load_image, train_tokenizer
 from checkpoint import atomic_write
+from data import SYSTEM, Tokenizer, image_tensor, load_image, train_tokenizer
 from model import Muffin, autocast, sized
 from sample import generate
 
@@ -34,34 +39,63 @@ def run(cfg, train):
     train_scenes, test_scenes = world.make_world(cfg.seed, cfg.n_train, cfg.n_test)
     tok_file = os.path.join(wdir, "tokenizer.model")
     if not os.path.exists(tok_file):
-        build_world(cfg, wdir, train_scenes[:n_sft], train_scenes, test_scenes)
+        with timed(out, "world"):
+            build_world(cfg, wdir, train_scenes[:n_sft], train_scenes, test_scenes)
     tok = Tokenizer(tok_file)
+
     def stage_config(name, **kw):  # every stage resumes where it stopped; the tower stays frozen
         return replace(cfg, resume=True, out_dir=os.path.join(out, name), freeze_vision=True, **kw)
 
     vision_dir, sft_dir = os.path.join(out, "vision"), os.path.join(out, "sft")
     if not finished(vision_dir):
-        pretrain_vision(cfg, tok, train_scenes[:n_sft], vision_dir)
+        with timed(out, "vision"):
+            pretrain_vision(cfg, tok, train_scenes[:n_sft], vision_dir)
     if not finished(sft_dir):
-        train(stage_config("sft", stage="sft", data=os.path.join(wdir, "sft.jsonl"), tokenizer=tok_file,
-                           init=vision_dir, steps=cfg.sft_steps, lr=cfg.sft_lr, max_len=512))
+        with timed(out, "sft"):
+            train(stage_config("sft", stage="sft", data=os.path.join(wdir, "sft.jsonl"), tokenizer=tok_file,
+                               init=vision_dir, steps=cfg.sft_steps, lr=cfg.sft_lr, max_len=512))
     pairs = os.path.join(out, "collect", "pairs.jsonl")
     if not os.path.exists(pairs):
-        collect(cfg, tok, sft_dir, train_scenes[n_sft:], n_sft, pairs)
+        with timed(out, "collect"):
+            collect(cfg, tok, sft_dir, train_scenes[n_sft:], n_sft, pairs)
     arms = {"ddpo" if cfg.gamma != 1 else "dpo": ("ddpo", pairs, cfg.gamma)}
     if cfg.ablation:
         arms.update(dpo=("ddpo", pairs, 1.0), sft_corrected=("sft", pairs[:-6] + "_sft.jsonl", cfg.gamma))
     for name, (kind, data, gamma) in arms.items():
         if not finished(os.path.join(out, name)):
-            train(stage_config(name, stage=kind, data=data, init=sft_dir, gamma=gamma, max_len=512,
-                               ref_cache=os.path.join(out, "collect", "ref_logps.safetensors")))
-    results = {name: evaluate(cfg, tok, os.path.join(out, name), test_scenes)
-               for name in ["sft", *arms]}
-    report(cfg, results, arms)
+            with timed(out, name):
+                train(stage_config(name, stage=kind, data=data, init=sft_dir, gamma=gamma, max_len=512,
+                                   ref_cache=os.path.join(out, "collect", "ref_logps.safetensors")))
+    answers = {name: evaluate(cfg, tok, os.path.join(out, name), test_scenes) for name in ["sft", *arms]}
+    report.write(cfg, test_scenes, answers)
+    return test_scenes, answers
+
+
+def sweep(cfg, train):
+    """`run` once per seed of --seeds, each in <out_dir>/seed<S> (its stages cached as usual), then
+    the summary over seeds: sweep.json, sweep.md and report.html in out_dir."""
+    runs = {}
+    for s in (int(s) for s in cfg.seeds.split(",")):
+        runs[s] = run(replace(cfg, seed=s, seeds="", out_dir=os.path.join(cfg.out_dir, f"seed{s}")), train)
+    report.write_sweep(cfg, runs)
 
 
 def finished(run_dir):
     return os.path.exists(os.path.join(run_dir, "config.json"))
+
+
+@contextlib.contextmanager
+def timed(out_dir, stage):
+    """Records the stage's wall time in <out_dir>/timings.json when it finishes; a stage found
+    finished on disk is not run again and keeps the time of the run that made it."""
+    t0 = time.time()
+    yield
+    path = os.path.join(out_dir, "timings.json")
+    times = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            times = json.load(f)
+    atomic_write(path, json.dumps({**times, stage: round(time.time() - t0, 1)}, indent=1))
 
 
 def build_world(cfg, wdir, sft_scenes, train_scenes, test_scenes):
@@ -155,33 +189,17 @@ def collect(cfg, tok, sft_dir, scenes, offset, path):
 
 
 def evaluate(cfg, tok, model_dir, scenes):
-    """Describe every held-out scene once (greedy) and score the answers; cached in eval.json."""
+    """Greedy answers to every held-out scene, cached in eval.json with their scores (the report
+    scores them again, per scene, from the answers)."""
     path = os.path.join(model_dir, "eval.json")
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)["scores"]
+            answers = json.load(f)["answers"]
+        if len(answers) == len(scenes):  # else written for another --n_test
+            return answers
     prompts = [world.DESCRIBE_PROMPTS[i % len(world.DESCRIBE_PROMPTS)] for i in range(len(scenes))]
     images = [os.path.join(cfg.out_dir, "world", "images", f"test{i}.png") for i in range(len(scenes))]
-    answers = describe_all(model_dir, tok, images, prompts, cfg)
-    scores = world.score(scenes, answers)
-    atomic_write(path, json.dumps({"scores": scores, "answers": answers}, indent=1))
-    return scores
-
-
-def report(cfg, results, arms):
-    """Print the table, write results.json and draw report.png (curves of the first DDPO arm)."""
-    cols = ("response_rate", "mention_rate", "object", "attribute", "count", "relation", "coverage")
-    print(f"\n{'model':<14}" + "".join(f"{c.replace('_rate', ''):>11}" for c in cols) + f"{'resp. vs sft':>14}")
-    for name, r in results.items():
-        change = (r["response_rate"] / results["sft"]["response_rate"] - 1) if results["sft"]["response_rate"] else 0
-        print(f"{name:<14}" + "".join(f"{100 * r[c]:>10.1f}%" for c in cols)
-              + (f"{100 * change:>+13.1f}%" if name != "sft" else ""))
-    atomic_write(os.path.join(cfg.out_dir, "results.json"), json.dumps(results, indent=2))
-    curves = {}
-    for name, key in (("sft", "loss"), (next(iter(arms)), "loss"), (next(iter(arms)), "rewards/margins"),
-                      (next(iter(arms)), "rewards/accuracies")):
-        with open(os.path.join(cfg.out_dir, name, "log.jsonl")) as f:
-            rows = [json.loads(line) for line in f]
-        curves[f"{name} {key.split('/')[-1]}"] = [(r["step"], r[key]) for r in rows if key in r]
-    world.draw_report(os.path.join(cfg.out_dir, "report.png"), curves, results)
-    print(f"\nwrote {cfg.out_dir}/results.json and {cfg.out_dir}/report.png")
+    with timed(cfg.out_dir, f"evaluate {os.path.basename(model_dir)}"):
+        answers = describe_all(model_dir, tok, images, prompts, cfg)
+    atomic_write(path, json.dumps({"scores": world.score(scenes, answers), "answers": answers}, indent=1))
+    return answers

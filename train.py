@@ -77,6 +77,7 @@ class TrainConfig:
     sft_steps: int = 1000
     sft_lr: float = 2e-3     # above the tower's rate: the fresh decoder learns to read the queries better
     ablation: bool = False   # also run vanilla DPO (gamma 1) and SFT on the corrected answers
+    seeds: str = ""          # "0,1,2": the miniature once per seed (<out_dir>/seed<S>) and a summary
 
 
 def lr_at(step, cfg):
@@ -388,7 +389,7 @@ def save_checkpoint(model, opt, step, cfg, tok_file):
 def main(argv):
     cfg = cli.parse_args(TrainConfig, argv, paths=("data", "init", "tokenizer"))
     if cfg.stage == "rlhfv":
-        rlhfv.run(cfg, train)
+        (rlhfv.sweep if cfg.seeds else rlhfv.run)(cfg, train)
     elif cfg.stage in ("sft", "ddpo"):
         if not cfg.data or (cfg.stage == "ddpo" and not cfg.init):
             raise cli.UsageError(f"--stage={cfg.stage} needs --data" + (" and --init" if cfg.stage == "ddpo" else ""))

@@ -8,7 +8,7 @@ is all three, with the standard library and Pillow only:
     scenes   make_world -> Scene (1-4 shapes on a G x G grid, one per cell), render -> image
     text     describe (a correct detailed description), sft_examples (the noisy SFT data), corpus
     judge    parse -> claims, check -> verdicts, correct (the annotator), score (Object HalBench)
-    report   draw_report -> PNG of training curves and hallucination rates per arm
+             and outcomes (what score counts in each answer, for intervals over scenes)
 
 How hallucinations arise. Real MLLMs learn to hallucinate from noisy web captions, not from poor
 eyesight (a model that cannot see learns priors that DPO can only trade for other text-only rules).
@@ -245,7 +245,8 @@ Span = namedtuple("Span", "text start end")
 Mention = namedtuple("Mention", "shape colour size place where sentence")  # a small red circle ...
 Count = namedtuple("Count", "n phrase verb noun sentence")  # (There) are three objects
 Relation = namedtuple("Relation", "a rel b sentence")  # The red circle | is above | the blue square
-# type: object, attribute, count or relation; claim: the words judged; edits: (start, end, new text)
+# type: object, attribute, count or relation; claim: the Span of the words judged (what a report
+# marks); edits: (start, end, new text)
 Verdict = namedtuple("Verdict", "type claim ok edits")
 
 
@@ -331,7 +332,7 @@ def _attributes(m, o, grid):
         if span:
             ok = (PLACES[m.where] if kind == "relation" else span.text.lower()) == truth
             fix = ((span.start, span.end, _like(span.text, truth)),)
-            out.append(Verdict(kind, span.text, ok, () if ok else fix))
+            out.append(Verdict(kind, span, ok, () if ok else fix))
     return out
 
 
@@ -355,9 +356,9 @@ def _judge(scene, answer):
         if isinstance(c, Count):
             fixed = f"{'is' if n == 1 else 'are'} " * bool(c.verb) + f"{NUMBERS[n - 1]} {c.noun}"
             fix = ((c.phrase.start, c.phrase.end, _like(c.phrase.text, fixed + "s" * (n != 1))),)
-            verdicts.append(Verdict("count", c.phrase.text, c.n == n, () if c.n == n else fix))
+            verdicts.append(Verdict("count", c.phrase, c.n == n, () if c.n == n else fix))
         elif isinstance(c, Mention) and c in owner:
-            said = [Verdict("object", c.shape.text, True, ())] + _attributes(c, owner[c], grid)
+            said = [Verdict("object", c.shape, True, ())] + _attributes(c, owner[c], grid)
             verdicts += said
             covered += all(v.ok for v in said)
         elif isinstance(c, Mention):  # no such object: describe one the answer left out, or drop it
@@ -367,7 +368,7 @@ def _judge(scene, answer):
                 new = zip((c.shape, c.colour, c.size, c.place),
                           (o.shape, o.colour, o.size, _place(o, grid)))
                 fix = tuple((s.start, s.end, _like(s.text, t)) for s, t in new if s)
-            verdicts.append(Verdict("object", c.shape.text, False, fix))
+            verdicts.append(Verdict("object", c.shape, False, fix))
         else:  # a relation refers back to two different objects, without using them up
             pairs = [(a, b) for a in scene.objects for b in scene.objects if a != b
                      and (a.shape, b.shape) == (c.a.shape.text.lower(), c.b.shape.text.lower())]
@@ -375,14 +376,14 @@ def _judge(scene, answer):
                 shapes = {o.shape for o in scene.objects}
                 gone = c.a if c.a.shape.text.lower() not in shapes else c.b
                 fix = (_drop(answer, c.sentence),)
-                verdicts.append(Verdict("object", gone.shape.text, False, fix))
+                verdicts.append(Verdict("object", gone.shape, False, fix))
                 continue
             a, b = max(pairs, key=lambda p: _fit(c.a, p[0], grid) + _fit(c.b, p[1], grid))
             verdicts += _attributes(c.a, a, grid) + _attributes(c.b, b, grid)
             said = c.rel.text.lower()
             ok = RELATIONS[said](a, b)
             fix = ((c.rel.start, c.rel.end, _like(c.rel.text, _true_relation(a, b, said))),)
-            verdicts.append(Verdict("relation", c.rel.text, ok, () if ok else fix))
+            verdicts.append(Verdict("relation", c.rel, ok, () if ok else fix))
     return claims, verdicts, covered
 
 
@@ -407,6 +408,31 @@ def correct(scene, answer):
     return "".join(out) + answer[at:]
 
 
+TYPES = ("object", "attribute", "count", "relation")
+# Each rate of score as (numerator, denominator): keys of outcomes, summed over the answers (None:
+# the number of answers). Every rate is a ratio of sums, so resampling scenes recomputes it.
+RATES = {"response_rate": ("hallucinated", "mentions"), "mention_rate": ("invented", "said"),
+         **{t: (t, None) for t in TYPES}, "coverage": ("coverage", None)}
+
+
+def outcomes(scenes, answers):
+    """What score counts in each answer, one dict per (scene, answer):
+    mentions, hallucinated   1 if the answer mentions an object; 1 if it also has a hallucination;
+    said, invented           distinct object words (as CHAIR_i counts them); those not in the scene;
+    object, ..., relation    1 if the answer has a hallucination of that type;
+    coverage                 share of the scene's objects described without error."""
+    out = []
+    for scene, answer in zip(scenes, answers, strict=True):
+        claims, verdicts, covered = _judge(scene, answer)
+        shapes = {m.shape.text.lower() for c in claims if not isinstance(c, Count)
+                  for m in ((c.a, c.b) if isinstance(c, Relation) else (c,))}
+        wrong = {v.type for v in verdicts if not v.ok}
+        out.append({"mentions": int(bool(shapes)), "hallucinated": int(bool(shapes and wrong)),
+                    "said": len(shapes), "invented": len(shapes - {o.shape for o in scene.objects}),
+                    **{t: int(t in wrong) for t in TYPES}, "coverage": covered / len(scene.objects)})
+    return out
+
+
 def score(scenes, answers):
     """Object HalBench-style rates, as plain floats, over answers to DESCRIBE_PROMPTS:
     response_rate  answers with a hallucination / answers that mention an object;
@@ -414,74 +440,12 @@ def score(scenes, answers):
     object, attribute, count, relation   answers with a hallucination of that type / all answers;
     coverage       mean share of the scene's objects described without error, so that saying
                    less cannot pass for hallucinating less."""
-    types = ("object", "attribute", "count", "relation")
-    mentioning = hallucinating = said = invented = 0
-    having, coverage = dict.fromkeys(types, 0), 0.0
-    for scene, answer in zip(scenes, answers, strict=True):
-        claims, verdicts, covered = _judge(scene, answer)
-        shapes = {m.shape.text.lower() for c in claims if not isinstance(c, Count)
-                  for m in ((c.a, c.b) if isinstance(c, Relation) else (c,))}
-        wrong = {v.type for v in verdicts if not v.ok}
-        mentioning += bool(shapes)
-        hallucinating += bool(shapes and wrong)
-        said += len(shapes)
-        invented += len(shapes - {o.shape for o in scene.objects})
-        for t in wrong:
-            having[t] += 1
-        coverage += covered / len(scene.objects)
-    n = len(answers)  # max(..., 1): a rate over nothing is 0.0
-    return {"response_rate": hallucinating / max(mentioning, 1),
-            "mention_rate": invented / max(said, 1),
-            **{t: having[t] / max(n, 1) for t in types}, "coverage": coverage / max(n, 1), "n": n}
+    per = outcomes(scenes, answers)
+    return {name: rate(per, name) for name in RATES} | {"n": len(per)}
 
 
-# -------------------------------------------------------------------------------------- report
-
-_ARM_COLOURS = ((120, 120, 120), (31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189))
-_BAR_GROUPS = ("response_rate", "mention_rate", "object", "attribute", "count", "relation",
-               "coverage")
-
-
-def _plot(draw, box, name, points):
-    x0, y0, x1, y1 = box
-    draw.rectangle(box, outline=(160, 160, 160))
-    draw.text((x0, y0 - 14), name, fill="black")
-    if not points:
-        return
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    lo, hi, first, last = min(ys), max(ys), min(xs), max(xs)
-    draw.line([(x0 + (x1 - x0) * (x - first) / ((last - first) or 1),
-                y1 - (y1 - y0) * (y - lo) / ((hi - lo) or 1)) for x, y in points],
-              fill=(31, 119, 180), width=2)
-    draw.text((x0 - 40, y0), f"{hi:.3g}", fill="black")
-    draw.text((x0 - 40, y1 - 10), f"{lo:.3g}", fill="black")
-    draw.text((x0, y1 + 3), f"{first:g}", fill="black")
-    draw.text((x1 - 30, y1 + 3), f"{last:g}", fill="black")
-
-
-def draw_report(path, curves, results):
-    """Write a PNG: a line plot per curve ({name: [(step, value), ...]}), three to a row, then
-    grouped bars of each arm's rates ({arm: score(...)}), one group per rate, in percent."""
-    width, panel, rows = 960, 200, (len(curves) + 2) // 3
-    img = Image.new("RGB", (width, rows * panel + 300), "white")
-    draw = ImageDraw.Draw(img)
-    for k, (name, points) in enumerate(curves.items()):
-        x, y = (k % 3) * width // 3, (k // 3) * panel
-        _plot(draw, (x + 50, y + 25, x + width // 3 - 15, y + panel - 25), name, points)
-    x0, y0, x1, y1 = 50, rows * panel + 50, width - 15, rows * panel + 270
-    draw.text((x0, y0 - 40), "hallucination rates, % (coverage: higher is better)", fill="black")
-    for a, arm in enumerate(results):
-        colour = _ARM_COLOURS[a % len(_ARM_COLOURS)]
-        draw.rectangle((x0 + 400 + 110 * a, y0 - 38, x0 + 410 + 110 * a, y0 - 28), fill=colour)
-        draw.text((x0 + 415 + 110 * a, y0 - 40), arm, fill="black")
-    draw.line((x0, y1, x1, y1), fill="black")
-    step = (x1 - x0) / len(_BAR_GROUPS)
-    bar = 0.8 * step / max(len(results), 1)
-    for g, key in enumerate(_BAR_GROUPS):
-        draw.text((x0 + g * step + 4, y1 + 6), key, fill="black")
-        for a, rates in enumerate(results.values()):
-            left, top = x0 + (g + 0.1) * step + a * bar, y1 - (y1 - y0) * rates[key]
-            colour = _ARM_COLOURS[a % len(_ARM_COLOURS)]
-            draw.rectangle((left, top, left + bar - 2, y1), fill=colour)
-            draw.text((left, top - 12), f"{100 * rates[key]:.0f}", fill="black")
-    img.save(path)
+def rate(per, name):
+    """A rate of RATES over outcomes (of one run, or pooled over several); over nothing, 0.0."""
+    num, den = RATES[name]
+    total = lambda key: sum(o[key] for o in per) if key else len(per)
+    return total(num) / max(total(den), 1)

@@ -1,28 +1,148 @@
-"""The miniature RLHF-V end to end, at toy sizes: every stage runs and writes its artefacts."""
+"""The miniature RLHF-V end to end, at toy sizes: every stage runs and writes its artefacts, and the
+report shows what the scorer and the DDPO loss see."""
 import json
+import os
+import shutil
+from dataclasses import replace
+from html.parser import HTMLParser
 
+import pytest
+
+import ddpo
+import report
 import rlhfv
 import train
+import world
+from data import Tokenizer, answer_ids, prompt_ids
 
 
-def test_miniature_runs_every_stage_and_writes_every_artefact(tmp_path):
-    """world + tokenizer -> vision pre-training -> SFT -> collect + correct -> DDPO, vanilla DPO and SFT on
-    the corrected answers -> evaluation -> results.json and report.png; a second call finds every
-    stage finished and only rewrites the report."""
-    cfg = train.TrainConfig(out_dir=str(tmp_path), model="tiny", image_size=32, n_train=64, n_test=8,
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """One toy run, through the sweep (--seeds=0): the run itself is in <out_dir>/seed0."""
+    out = tmp_path_factory.mktemp("toy")
+    cfg = train.TrainConfig(out_dir=str(out), model="tiny", image_size=32, n_train=64, n_test=12,
                             vision_steps=20, sft_steps=150, sft_lr=3e-3, steps=2, batch_size=4, log_every=1,
-                            device="cpu", ablation=True)
-    rlhfv.run(cfg, train.train)
-    for f in ("world/tokenizer.model", "world/sft.jsonl", "world/images/test7.png", "vision/config.json",
+                            device="cpu", ablation=True, seeds="0")
+    rlhfv.sweep(cfg, train.train)
+    return replace(cfg, out_dir=str(out / "seed0"), seeds="")
+
+
+def test_miniature_runs_every_stage_and_writes_every_artefact(toy):
+    """world + tokenizer -> vision pre-training -> SFT -> collect + correct -> DDPO, vanilla DPO and SFT on
+    the corrected answers -> evaluation -> results.json, report.png and report.html; a second call finds
+    every stage finished and only rewrites the report."""
+    out = os.path.dirname(toy.out_dir)
+    for f in ("world/tokenizer.model", "world/sft.jsonl", "world/images/test11.png", "vision/config.json",
               "sft/config.json",
               "collect/pairs.jsonl", "collect/ref_logps.safetensors", "ddpo/model.safetensors",
               "dpo/model.safetensors", "sft_corrected/model.safetensors", "ddpo/eval.json",
-              "report.png"):
-        assert (tmp_path / f).exists(), f
-    results = json.loads((tmp_path / "results.json").read_text())
+              "report.png", "report.html", "timings.json"):
+        assert os.path.exists(os.path.join(toy.out_dir, f)), f
+    for f in ("sweep.json", "sweep.md", "report.html"):
+        assert os.path.exists(os.path.join(out, f)), f
+    with open(os.path.join(toy.out_dir, "results.json")) as f:
+        results = json.load(f)
     assert set(results) == {"sft", "ddpo", "dpo", "sft_corrected"}
     assert {"response_rate", "mention_rate", "coverage", "object", "attribute", "count",
-            "relation"} <= set(results["ddpo"]) and results["ddpo"]["n"] == 8
-    stamp = (tmp_path / "ddpo" / "model.safetensors").stat().st_mtime_ns
-    rlhfv.run(cfg, train.train)
-    assert (tmp_path / "ddpo" / "model.safetensors").stat().st_mtime_ns == stamp
+            "relation"} <= set(results["ddpo"]) and results["ddpo"]["n"] == 12
+    assert set(results["ddpo"]["ci"]) == set(world.RATES)
+    assert set(results["ddpo"]["vs"]) == {"sft", "dpo", "sft_corrected"}
+    with open(os.path.join(toy.out_dir, "timings.json")) as f:
+        stages = set(json.load(f))
+    assert {"world", "vision", "sft", "collect", "ddpo", "dpo", "sft_corrected", "evaluate sft"} <= stages
+    stamp = os.stat(os.path.join(toy.out_dir, "ddpo", "model.safetensors")).st_mtime_ns
+    rlhfv.run(toy, train.train)
+    assert os.stat(os.path.join(toy.out_dir, "ddpo", "model.safetensors")).st_mtime_ns == stamp
+
+
+class Page(HTMLParser):
+    """What the tests read of report.html: section titles, notes, the marks in each answer
+    {(scene, model): n} and the tokens of each pair {(pair, side): [highlighted?, ...]}."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.sections, self.notes, self.marks, self.tokens, self.images = [], [], {}, {}, 0
+        self.text, self.answer, self.pair = None, None, None
+        with open(path) as f:
+            self.feed(f.read())
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "h2" or (tag == "p" and a.get("class") == "note"):
+            self.text = self.sections if tag == "h2" else self.notes
+            self.text.append("")
+        elif tag == "p" and a.get("class") == "answer":
+            self.answer = (int(a["data-scene"]), a["data-model"])
+            self.marks[self.answer] = 0
+        elif tag == "mark" and self.answer:
+            self.marks[self.answer] += 1
+        elif tag == "div" and "data-pair" in a:
+            self.pair = int(a["data-pair"])
+        elif tag == "span" and "data-side" in a:
+            self.tokens.setdefault((self.pair, a["data-side"]), []).append("g" in a["class"].split())
+        elif tag == "img":
+            assert a["src"].startswith("data:image/png;base64,")
+            self.images += 1
+
+    def handle_endtag(self, tag):
+        if tag in ("h2", "p"):
+            self.text = self.answer = None
+
+    def handle_data(self, data):
+        if self.text is not None:
+            self.text[-1] += data
+
+
+def test_report_page_marks_what_the_scorer_counts_and_weighs_what_ddpo_weighs(toy):
+    page = Page(os.path.join(toy.out_dir, "report.html"))
+    assert page.sections == ["Hallucination rates", "Held-out scenes, side by side",
+                             "What DDPO learns from: the corrected segments weigh \u03b3", "Training"]
+    assert page.notes == []
+    # 12 held-out scenes, each with the SFT and the DDPO answer, marks = the checker's wrong claims
+    _, scenes = world.make_world(toy.seed, toy.n_train, toy.n_test)
+    assert len({scene for scene, _ in page.marks}) == 12
+    for (i, model), marks in page.marks.items():
+        with open(os.path.join(toy.out_dir, model, "eval.json")) as f:
+            answer = json.load(f)["answers"][i]
+        assert marks == sum(not v.ok for v in world.check(scenes[i], answer)), (i, model)
+    assert sum(page.marks.values()) > 0
+    # the highlighted tokens of each pair are those token_weights gives gamma, prompt in front
+    tok = Tokenizer(os.path.join(toy.out_dir, "world", "tokenizer.model"))
+    with open(os.path.join(toy.out_dir, "collect", "pairs.jsonl")) as f:
+        pairs = [json.loads(line) for line in f]
+    with open(os.path.join(toy.out_dir, "sft", "config.json")) as f:
+        n_query = json.load(f)["n_query"]
+    shown = sorted({p for p, _ in page.tokens})
+    assert len(shown) == 4
+    for i in shown:
+        prompt = prompt_ids(tok, pairs[i]["question"], n_query)
+        c, r = answer_ids(tok, pairs[i]["chosen"]), answer_ids(tok, pairs[i]["rejected"])
+        wc, wr = ddpo.token_weights(prompt + c, prompt + r, toy.gamma, toy.min_match)
+        assert page.tokens[i, "chosen"] == [w == toy.gamma for w in wc[len(prompt):].tolist()]
+        assert page.tokens[i, "rejected"] == [w == toy.gamma for w in wr[len(prompt):].tolist()]
+    assert page.images == 12 + 4
+
+
+def test_report_leaves_out_what_is_missing_with_a_note(toy, tmp_path):
+    """A missing arm, log or pairs file at the end of a long run costs its part of the page, not the run."""
+    out = tmp_path / "run"
+    shutil.copytree(toy.out_dir, out, ignore=shutil.ignore_patterns("*.safetensors", "ckpt-*"))
+    os.remove(out / "ddpo" / "log.jsonl")
+    os.remove(out / "collect" / "pairs.jsonl")
+    cfg = replace(toy, out_dir=str(out))
+    _, scenes = world.make_world(cfg.seed, cfg.n_train, cfg.n_test)
+    answers = {}
+    for m in ("sft", "ddpo", "sft_corrected"):
+        with open(out / m / "eval.json") as f:
+            answers[m] = json.load(f)["answers"]
+    results = report.write(cfg, scenes, {**answers, "dpo": None})
+    assert list(results) == ["sft", "ddpo", "sft_corrected"]
+    page = Page(out / "report.html")
+    assert len(page.sections) == 4
+    assert page.notes[0] == "vanilla DPO: no evaluation, left out."
+    assert page.notes[1].startswith("Left out: FileNotFoundError:") and "pairs.jsonl" in page.notes[1]
+    assert page.notes[2] == "DDPO: no readable training log, left out of the plots."
+    # without SFT's answers there is nothing to put side by side
+    report.write(cfg, scenes, {"sft": None, "ddpo": answers["ddpo"]})
+    assert Page(out / "report.html").notes[:2] == [
+        "SFT: no evaluation, left out.", "Left out: ValueError: needs the answers of SFT and of an arm"]

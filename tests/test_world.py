@@ -8,7 +8,6 @@ import random
 
 import pytest
 import sentencepiece as spm
-from PIL import Image
 
 import ddpo
 import world
@@ -25,7 +24,7 @@ TRUE = ("There are three objects. A small red circle is in the top left. There i
 
 
 def judged(answer, scene=SCENE):
-    return [(v.type, v.claim, v.ok) for v in check(scene, answer)]
+    return [(v.type, v.claim.text, v.ok) for v in check(scene, answer)]
 
 
 def test_verdicts_of_a_true_answer():
@@ -79,6 +78,27 @@ def test_score_by_hand():
                                  "attribute": 1 / 4, "count": 1 / 4, "relation": 0.0,
                                  "coverage": (1 + 1 / 3) / 4, "n": 4})
     assert all(type(v) is float for k, v in got.items() if k != "n")
+
+
+def test_outcomes_are_what_score_counts_per_answer():
+    """The answers of test_score_by_hand, one dict each; score's rates are ratios of their sums
+    (response 2/3: two of the three answers that mention an object hallucinate)."""
+    answers = [TRUE, "There are three objects. A small red circle is in the top left. There is a "
+               "small green triangle at the top.", "A large green square is in the center.",
+               "I can see four shapes."]
+    zero = dict.fromkeys(("object", "attribute", "count", "relation"), 0)
+    assert world.outcomes([SCENE] * 4, answers) == [
+        {"mentions": 1, "hallucinated": 0, "said": 3, "invented": 0, **zero, "coverage": 1.0},
+        {"mentions": 1, "hallucinated": 1, "said": 2, "invented": 1, **zero, "object": 1, "coverage": 1 / 3},
+        {"mentions": 1, "hallucinated": 1, "said": 1, "invented": 0, **zero, "attribute": 1, "coverage": 0.0},
+        {"mentions": 0, "hallucinated": 0, "said": 0, "invented": 0, **zero, "count": 1, "coverage": 0.0}]
+
+
+def test_wrong_claims_carry_their_place_in_the_answer():
+    answer = "There is a large blue square in the center. I see a small green triangle at the top."
+    wrong = [v for v in check(SCENE, answer) if not v.ok]
+    assert [(v.type, v.claim) for v in wrong] == [("object", ("triangle", 64, 72))]
+    assert answer[64:72] == "triangle"
 
 
 def test_true_descriptions_score_clean():
@@ -214,14 +234,3 @@ def test_corrections_are_what_ddpo_weights():
         return runs + ([sp.decode(run)] if run else [])
     assert weighted(c, chosen_w) == ["three", "red", "right"]
     assert weighted(r, rejected_w) == ["four", "green", "left"]
-
-
-def test_draw_report(tmp_path):
-    curves = {"loss": [(s, 0.7 / (1 + s / 50)) for s in range(0, 200, 10)],
-              "rewards/margins": [(s, s / 100) for s in range(0, 200, 10)],
-              "rewards/accuracies": []}
-    arms = {"sft": score([SCENE], [TRUE.replace("red circle is in", "green circle is in")]),
-            "ddpo": score([SCENE], [TRUE])}
-    world.draw_report(tmp_path / "report.png", curves, arms)
-    img = Image.open(tmp_path / "report.png")
-    assert img.size == (960, 500) and len(img.convert("RGB").getcolors(10_000)) > 3
