@@ -20,6 +20,7 @@ import os
 import pickle
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import torch
@@ -230,14 +231,8 @@ def train(cfg):
     tok = Tokenizer.from_pretrained(tok_file)  # with the BOS/EOS/pad the JSON files beside it name
     model, state = load_model(cfg, tok)
     check_tokenizer(tok, model.config, tok_file)  # so no id the data makes can fall outside the embedding
-    for part in (model.model.vision_tower, model.model.query):  # before sharding: FSDP2 reads it
-        part.requires_grad_(not cfg.freeze_vision)
-    model.grad_checkpointing = cfg.grad_ckpt
     sharded, ddp = cfg.fsdp and world > 1, not cfg.fsdp and world > 1
-    if sharded:
-        parallel.shard(model, cfg.device)
-    else:
-        model.to(cfg.device)
+    place(model, cfg, sharded)
     records = Records(cfg.data)
     batcher = Batcher(tok, model.config.n_query, model.config.vision.img_size, cfg.max_len, cfg.gamma,
                       cfg.min_match)
@@ -252,7 +247,7 @@ def train(cfg):
     fwd = DistributedDataParallel(fwd) if ddp else fwd  # `model` stays unwrapped, for saving
     data = batches(records, batcher.sft if cfg.stage == "sft" else batcher.pairs, cfg,
                    step * cfg.grad_accum, rank, world)
-    window, skipped = LogWindow(cfg, model, tok.pad_id, rank, world, step), {}
+    window, skipped = LogWindow(cfg, model, tok.pad_id, rank, world, step), Counter()
     model.train()
     while step < cfg.steps:
         lr = lr_at(step, cfg)
@@ -260,8 +255,7 @@ def train(cfg):
             group["lr"] = lr
         for micro in range(cfg.grad_accum):
             batch = next(data)
-            for k, v in batch.pop("skipped").items():
-                skipped[k] = skipped.get(k, 0) + v
+            skipped.update(batch.pop("skipped"))
             if "input_ids" not in batch:  # every row of this micro-batch was skipped
                 if world > 1:  # the ranks would fall out of step
                     raise RuntimeError(f"rank {rank}, step {step + 1}: every row of a micro-batch was skipped")
@@ -290,13 +284,24 @@ def train(cfg):
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(model, opt, step, cfg, tok_file)
     model = parallel.unsharded(model) if sharded else model
-    counts = parallel.gather(skipped, world)  # every rank's count of skipped rows
-    skipped = {k: sum(part.get(k, 0) for part in counts) for part in counts for k in part}
+    skipped = sum(parallel.gather(skipped, world), Counter())  # every rank's skipped rows
     if rank == 0:
         save(model, tok_file, cfg.out_dir)
         if skipped:
             print(f"{cfg.stage}: skipped rows: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())))
     return model
+
+
+def place(model, cfg, sharded):
+    """What trains (the tower and its queries only without --freeze_vision; set before sharding,
+    which reads it), activation checkpointing, and where the weights live: FSDP2 shards or cfg.device."""
+    for part in (model.model.vision_tower, model.model.query):
+        part.requires_grad_(not cfg.freeze_vision)
+    model.grad_checkpointing = cfg.grad_ckpt
+    if sharded:
+        parallel.shard(model, cfg.device)
+    else:
+        model.to(cfg.device)
 
 
 def restore(state, model, opt):
