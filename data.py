@@ -69,11 +69,27 @@ def train_tokenizer(lines, model_file, vocab_size, symbols=()):
     return Tokenizer(model_file)
 
 
-def prompt_ids(tok, question, n_query):
+def prompt_ids(tok, question, n_query, history=()):
     """BOS + the template up to "### Assistant:", with n_query image slots. The answer is encoded
-    on its own (see answer_ids), so the boundary between prompt and labels is exact."""
+    on its own (see answer_ids), so the boundary between prompt and labels is exact.
+    history: the earlier (question, answer) turns of a conversation about the same image, as
+    Muffin's multi-turn template writes them: "### Human: q\\n### Assistant: a\\n" each, the image
+    slots in the first human turn only; each answer is encoded as answer_ids encodes it in training."""
     image = "<im_start>" + "<im_patch>" * n_query + "<im_end>"
-    return tok.encode(f"{SYSTEM}\n\n### Human: {image}\n{question.strip()}\n### Assistant:", bos=True)
+    questions = [q for q, _ in history] + [question]
+    ids = tok.encode(f"{SYSTEM}\n\n### Human: {image}\n{questions[0].strip()}\n### Assistant:", bos=True)
+    for (_, answer), q in zip(history, questions[1:]):
+        ids += answer_ids(tok, answer) + tok.encode(f"Human: {q.strip()}\n### Assistant:")
+    return ids
+
+
+def eval_prompt_ids(tok, question, n_query):
+    """The prompt of RLHF-V's evaluation, which is not the training template: Muffin's default
+    conversation with sep "\\n###", so the image slots come after the question, "###Human" has no
+    space, and no "Assistant:" follows: the model writes it (answer_text drops it, as the
+    evaluation scripts did)."""
+    image = "<im_start>" + "<im_patch>" * n_query + "<im_end>"
+    return tok.encode(f"{SYSTEM}\n###Human: {question.strip()}\n{image}\n###", bos=True)
 
 
 def answer_ids(tok, answer):
