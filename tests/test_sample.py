@@ -1,10 +1,15 @@
-"""sample.generate: batched, left-padded, KV-cached decoding equals naive recomputation."""
+"""sample.py: batched, left-padded, KV-cached decoding (greedy, and beam search) equals naive
+recomputation; beam search follows transformers' rules on distributions built by hand (its parity
+with transformers itself is in test_parity.py); bf16; the command line: presets, --interactive, bad
+options."""
+import io
 import math
 
 import pytest
 import torch
 from PIL import Image
 
+import data
 import sample
 from data import STOP, image_tensor, prompt_ids
 from model import Muffin, sized
@@ -188,3 +193,101 @@ def test_when_beam_search_stops(beams, early_stopping, answer):
     seen = torch.zeros(1, 4, dtype=torch.bool)
     best = sample.beam_search(*controlled(probs, 4), seen, stop, 6, beams, early_stopping=early_stopping)
     assert cut(best[0].tolist(), stop) == answer
+
+
+# ------------------------------------------------------------------------- dtype, CLI, presets
+
+@torch.no_grad()
+def test_bfloat16_decoding_agrees_with_float32_where_the_choice_is_clear(tok, dataset, init_ckpt):
+    """Loaded in bf16 (BEiT-3 tower included), the tiny model gives greedy tokens equal to fp32's for
+    as long as fp32's best two logits are further apart than bf16 can blur. bf16 keeps 8 significant
+    bits: every weight, activation and cache entry it rounds moves by up to 2^-8 of its size, and
+    each logit comes out of a chain of such roundings; a bf16 logit is allowed 4 x 2^-8 of the
+    largest |logit| away from fp32's, so where the top-2 gap is above twice that, both argmaxes
+    agree. That holds for at least the first 4 tokens of each answer (compared: all of them up to
+    the first step with a narrower gap)."""
+    fp32 = Muffin.from_pretrained(init_ckpt).eval()
+    bf16 = Muffin.from_pretrained(init_ckpt, dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    _, images, prompts = tiny_setup(tok, dataset)
+    none = torch.zeros(tok.vocab_size, dtype=torch.bool)
+    want = sample.decode(fp32, prompts, none, fp32.encode_images(images), max_new_tokens=12)
+    got = sample.decode(bf16, prompts, none, bf16.encode_images(images.bfloat16()), max_new_tokens=12)
+    for p, image, w, g in zip(prompts, images, want, got):
+        ids = torch.tensor([p + w])
+        z = fp32(ids, images=image[None])[0, len(p) - 1:-1]  # fp32's logits for each token of w
+        zb = bf16(ids, images=image[None].bfloat16())[0, len(p) - 1:-1].float()
+        bound = 4 * 2**-8 * z.abs().max()
+        assert (zb - z).abs().max() <= bound
+        top2 = z.topk(2).values
+        clear = ((top2[:, 0] - top2[:, 1]) > 2 * bound).tolist() + [False]
+        n = clear.index(False)
+        assert n >= 4 and g[:n] == w[:n]
+
+
+def fake_stdin(monkeypatch, text):
+    monkeypatch.setattr(sample.sys, "stdin", io.StringIO(text))
+
+
+def test_interactive_answers_each_line_with_the_conversation_so_far(tok, dataset, init_ckpt, monkeypatch, capsys):
+    """--interactive: a line of standard input is a question (blank lines skipped), answered in the
+    training template with the earlier turns before it; the image is encoded once for all of them."""
+    calls = []
+    encode = Muffin.encode_images
+    monkeypatch.setattr(Muffin, "encode_images", lambda self, x: calls.append(x) or encode(self, x))
+    fake_stdin(monkeypatch, "What colour is the square?\n\nHow many?\n")
+    sample.main([f"--ckpt={init_ckpt}", f"--image={dataset / 'images' / '0.png'}", "--interactive",
+                 "--max_new_tokens=6", "--device=cpu"])
+    answers = capsys.readouterr().out.split("\n")[:-1]
+    assert len(answers) == 2 and len(calls) == 1
+    model = Muffin.from_pretrained(init_ckpt).eval()
+    image = image_tensor(Image.open(dataset / "images" / "0.png").convert("RGB"), 32)[None]
+    history = []
+    with torch.no_grad():
+        for q, got in zip(["What colour is the square?", "How many?"], answers):
+            ids = prompt_ids(tok, q, model.config.n_query, history)
+            new = sample.decode(model, [ids], sample.stop_tokens(tok, "cpu"), model.encode_images(image), 6)[0]
+            assert got == sample.answer_text(tok, new)
+            history.append((q, got))
+
+
+def test_rlhfv_preset_decodes_as_the_papers_evaluation(tok, dataset, init_ckpt, monkeypatch, capsys):
+    """--preset=rlhfv: 3 beams, repetition penalty 1.1, 1,024 new tokens (an option given on the
+    command line wins over the preset's), the evaluation prompt (eval_prompt_ids) for the first
+    question, the training template for the ones after (as Muffin's multi-turn chat), and
+    "Assistant:" deleted from the answer. --dtype casts the weights and the image."""
+    seen = []
+
+    def fake_decode(model, prompts, stop, feats, **options):
+        seen.append((prompts, options, feats.dtype, {p.dtype for p in model.parameters()}))
+        return [tok.encode(" Assistant: a red square\n###")]
+
+    monkeypatch.setattr(sample, "decode", fake_decode)
+    fake_stdin(monkeypatch, "Describe the image.\nAnd the colour?\n")
+    sample.main([f"--ckpt={init_ckpt}", f"--image={dataset / 'images' / '0.png'}", "--interactive",
+                 "--preset=rlhfv", "--repetition_penalty=1.2", "--dtype=bfloat16", "--device=cpu"])
+    assert capsys.readouterr().out == "a red square\na red square\n"
+    (first, options, dtype, weights), (second, _, _, _) = seen
+    assert first == [data.eval_prompt_ids(tok, "Describe the image.", 9)]
+    assert second == [prompt_ids(tok, "And the colour?", 9, [("Describe the image.", "a red square")])]
+    assert (options["num_beams"], options["repetition_penalty"], options["max_new_tokens"]) == (3, 1.2, 1024)
+    assert options["early_stopping"] is False and dtype == torch.bfloat16 and weights == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--num_beams=0", "--num_beams=0: valid: 1 (greedy or sampled) or more (beam search)"),
+    ("--repetition_penalty=-1.1", "--repetition_penalty=-1.1: valid: > 0 (1: none)"),
+    ("--dtype=fp8", "--dtype=fp8: valid: bfloat16 float16 float32"),
+    ("--preset=llava", "--preset=llava: valid: rlhfv (or none)"),
+    ("--max_new_tokens=0", "--max_new_tokens=0: valid: 1 or more"),
+    ("--top_p=0", "--top_p=0.0: valid: > 0 and <= 1"),
+])
+def test_bad_decoding_options_exit_naming_the_valid_values(arg, message):
+    with pytest.raises(SystemExit) as e:
+        sample.main([arg])
+    assert str(e.value) == message
+
+
+def test_beam_search_does_not_sample():
+    with pytest.raises(SystemExit, match=r"--temperature=0.7: valid with --num_beams=3: 0 "):
+        sample.main(["--preset=rlhfv", "--temperature=0.7"])
