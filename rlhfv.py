@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import world
 from data import SYSTEM, Tokenizer, image_tensor, load_image, train_tokenizer
 from model import Muffin, atomic_write, sized
-from sample import generate
+from sample import PRESETS, generate
 from train import TrainConfig, autocast, train
 
 
@@ -128,14 +128,16 @@ def write_jsonl(path, rows):
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def describe_all(model_dir, tok, image_paths, prompts, cfg):
-    """Greedy answers of a checkpoint, one per (image, prompt), in batches of 250."""
+def describe_all(model_dir, tok, image_paths, prompts, cfg, **decoding):
+    """Answers of a checkpoint, one per (image, prompt), in batches of 250: greedy, or with the
+    options of sample.decode in `decoding` (num_beams, repetition_penalty, ...)."""
     model = Muffin.from_pretrained(model_dir).to(cfg.device).eval()
     size, answers = model.config.vision.img_size, []
     for i in range(0, len(prompts), 250):
         images = torch.stack([image_tensor(load_image(p), size) for p in image_paths[i:i + 250]])
         with autocast(cfg.device):
-            answers += generate(model, tok, images.to(cfg.device), prompts[i:i + 250], max_new_tokens=96)
+            answers += generate(model, tok, images.to(cfg.device), prompts[i:i + 250], max_new_tokens=96,
+                                **decoding)
     return answers
 
 
@@ -154,14 +156,17 @@ def collect(cfg, tok, sft_dir, scenes, offset, path):
 
 
 def evaluate(cfg, tok, model_dir, scenes):
-    """Describe every held-out scene once (greedy) and score the answers; cached in eval.json."""
-    path = os.path.join(model_dir, "eval.json")
+    """Describe every held-out scene once (greedy, or as RLHF-V's evaluation decoded with
+    --paper_decoding) and score the answers; cached in eval.json (eval_paper_decoding.json)."""
+    path = os.path.join(model_dir, "eval_paper_decoding.json" if cfg.paper_decoding else "eval.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)["scores"]
     prompts = [world.DESCRIBE_PROMPTS[i % len(world.DESCRIBE_PROMPTS)] for i in range(len(scenes))]
     images = [os.path.join(cfg.out_dir, "world", "images", f"test{i}.png") for i in range(len(scenes))]
-    answers = describe_all(model_dir, tok, images, prompts, cfg)
+    # the paper's beams and repetition penalty; its 1,024 tokens and prompt belong to the real model
+    decoding = {k: PRESETS["rlhfv"][k] for k in ("num_beams", "repetition_penalty")} if cfg.paper_decoding else {}
+    answers = describe_all(model_dir, tok, images, prompts, cfg, **decoding)
     scores = world.score(scenes, answers)
     atomic_write(path, json.dumps({"scores": scores, "answers": answers}, indent=1))
     return scores

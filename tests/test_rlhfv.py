@@ -1,8 +1,11 @@
-"""The miniature RLHF-V end to end, at toy sizes: every stage runs and writes its artefacts."""
+"""The miniature RLHF-V end to end, at toy sizes: every stage runs and writes its artefacts; the
+evaluation decodes greedily unless told to decode as RLHF-V did."""
 import json
+import os
 
 import rlhfv
 import train
+import world
 
 
 def test_miniature_runs_every_stage_and_writes_every_artefact(tmp_path):
@@ -26,3 +29,19 @@ def test_miniature_runs_every_stage_and_writes_every_artefact(tmp_path):
     stamp = (tmp_path / "ddpo" / "model.safetensors").stat().st_mtime_ns
     rlhfv.run(cfg)
     assert (tmp_path / "ddpo" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_paper_decoding_evaluates_with_rlhfvs_beams(tmp_path, tok, init_ckpt, monkeypatch):
+    """Held-out answers are greedy by default; --paper_decoding (one option, for every arm) gives
+    them by RLHF-V's 3 beams and repetition penalty 1.1, cached apart from the greedy ones."""
+    _, scenes = world.make_world(0, 0, 2)
+    os.makedirs(tmp_path / "world" / "images")
+    for i, scene in enumerate(scenes):
+        world.render(scene, 32).save(tmp_path / "world" / "images" / f"test{i}.png")
+    calls, generate = [], rlhfv.generate
+    monkeypatch.setattr(rlhfv, "generate", lambda *args, **kw: calls.append(kw) or generate(*args, **kw))
+    for paper in (False, True):
+        rlhfv.evaluate(train.TrainConfig(out_dir=str(tmp_path), device="cpu", paper_decoding=paper), tok,
+                       str(init_ckpt), scenes)
+    assert calls == [{"max_new_tokens": 96}, {"max_new_tokens": 96, "num_beams": 3, "repetition_penalty": 1.1}]
+    assert (init_ckpt / "eval.json").exists() and (init_ckpt / "eval_paper_decoding.json").exists()
