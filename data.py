@@ -2,7 +2,8 @@
 
 - Tokenizer: SentencePiece plus the four tokens Muffin appends ([PAD], <im_patch>, <im_start>,
   <im_end>; ids 32000-32003 with LLaMA's tokenizer), and `train_tokenizer` for our own world.
-- The training template of RLHF-V (conv_v1_2): the image slots come right after "### Human: ".
+- The training template of RLHF-V (conv_v1_2): the image slots come right after "### Human: ";
+  its evaluation prompt, which puts them after the question; the stop tokens and answer text.
 - Images: RGB, resized bicubic to a square, normalised with mean = std = 0.5 (Muffin's eval
   transform, used for both policy and reference: no random crops, which would make the reference
   log-probs disagree with training and flips, which would falsify left/right answers).
@@ -95,6 +96,20 @@ def eval_prompt_ids(tok, question, n_query):
 def answer_ids(tok, answer):
     """The labelled part: the answer and its terminator "\\n###" (RLHF-V appends no EOS)."""
     return tok.encode(answer.strip() + "\n" + STOP)
+
+
+def stop_tokens(tok, device):
+    """[V] bool: the tokens that end an answer: EOS and every piece that holds "###"."""
+    stop = torch.zeros(tok.vocab_size, dtype=torch.bool, device=device)
+    stop[[i for i in range(tok.sp.get_piece_size()) if STOP in tok.sp.id_to_piece(i)] + [tok.eos_id]] = True
+    return stop
+
+
+def answer_text(tok, ids, eval_prompt=False):
+    """Generated ids -> the text before the first "###", stripped. After eval_prompt_ids the model
+    writes "Assistant:" itself; RLHF-V's evaluation scripts deleted it, and so does this."""
+    text = tok.decode(ids).split(STOP)[0]
+    return (text.replace("Assistant:", "") if eval_prompt else text).strip()
 
 
 # ---------------------------------------------------------------------------------------- images

@@ -165,7 +165,8 @@ def evaluate(cfg, tok, model_dir, scenes):
     prompts = [world.DESCRIBE_PROMPTS[i % len(world.DESCRIBE_PROMPTS)] for i in range(len(scenes))]
     images = [os.path.join(cfg.out_dir, "world", "images", f"test{i}.png") for i in range(len(scenes))]
     # the paper's beams and repetition penalty; its 1,024 tokens and prompt belong to the real model
-    decoding = {k: PRESETS["rlhfv"][k] for k in ("num_beams", "repetition_penalty")} if cfg.paper_decoding else {}
+    paper = {k: PRESETS["rlhfv"][k] for k in ("num_beams", "repetition_penalty")}
+    decoding = paper if cfg.paper_decoding else {}
     answers = describe_all(model_dir, tok, images, prompts, cfg, **decoding)
     scores = world.score(scenes, answers)
     atomic_write(path, json.dumps({"scores": scores, "answers": answers}, indent=1))

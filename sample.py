@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from data import STOP, Tokenizer, eval_prompt_ids, image_tensor, load_image, prompt_ids
+from data import Tokenizer, answer_text, eval_prompt_ids, image_tensor, load_image, prompt_ids, stop_tokens
 from model import Muffin
 
 
@@ -38,15 +38,16 @@ class SampleConfig:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the row (prompt included)
     num_beams: int = 1            # > 1: beam search (RLHF-V's evaluation: 3)
     length_penalty: float = 1.0   # beams: a finished hypothesis scores sum(log-probs) / length ** this
-    early_stopping: bool = False  # beams: done at num_beams finished hypotheses (False: once no running
-                                  # beam can beat them; RLHF-V's evaluation left it False)
+    early_stopping: bool = False  # beams: done at num_beams finished (False, RLHF-V's: once none can improve)
     dtype: str = ""               # bfloat16 | float16 | float32; default bfloat16 on CUDA, float32 on a CPU
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     compile: bool = False
 
 
-# RLHF-V's evaluation (spec 6.1); explicit options still override these
+# RLHF-V's evaluation (spec 6.1); options given on the command line win. Its transformers (4.28)
+# stopped beam search only once every beam's text held "###"; here a beam ends at its own stop token,
+# as transformers' stop strings end beams now (test_parity.py compares with that).
 PRESETS = {"rlhfv": dict(num_beams=3, repetition_penalty=1.1, max_new_tokens=1024)}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -82,17 +83,14 @@ def decode_step(model, tokens, pos, pad, seen, settings):
 
 def beam_search(logits, advance, reorder, seen, stop, n, num_beams, repetition_penalty=1.0,
                 length_penalty=1.0, early_stopping=False, check_every=16):
-    """transformers' beam search (generate(num_beams=K)) for B prompts at once, K rows each.
-    logits [B, V] fp32: each prompt's first token; advance(tokens [B*K], i) -> the logits [B*K, V]
-    after token i of every beam; reorder(index [B*K]): row r of the model's cache becomes row
-    index[r]; seen [B, V] bool: the prompts' tokens. -> [B, n] ids of each prompt's best hypothesis.
-
-    Every beam is extended by every token, scored by the summed log-probs; the repetition penalty
-    multiplies the log-probs of the beam's seen tokens (transformers applies its processors after
-    log_softmax in beam search). Of the best K extensions, those ending in a stop token (all of them
-    at n tokens) are finished hypotheses, scored sum / length ** length_penalty, the best K kept; the
-    best K that do not stop run on. A prompt is done once K hypotheses are finished and, unless
-    early_stopping, the best running beam's sum / its length cannot beat the worst of them."""
+    """transformers' beam search for B prompts, K rows each. logits [B, V]: each prompt's first token;
+    advance(tokens [B*K], i) -> logits [B*K, V] after token i of each beam; reorder(index [B*K]): row
+    r of the model's cache becomes row index[r]; seen [B, V]: the prompts' tokens. -> [B, n] ids.
+    Beams grow by every token, scored by summed log-probs (the penalty multiplies those of each beam's
+    seen tokens: transformers' processors act after log_softmax in beam search). Of the best K, those
+    ending in a stop token (all, at n tokens) are finished, scored sum / length ** length_penalty, the
+    best K kept; the best K that do not stop run on. A prompt is done with K finished once (unless
+    early_stopping) the best running beam's sum / length cannot beat the worst of them."""
     B, V = logits.shape
     K, dev, rows = num_beams, logits.device, torch.arange(B, device=logits.device)[:, None]
     run = torch.zeros(B, 1, device=dev)                        # running beams: summed log-probs
@@ -109,7 +107,8 @@ def beam_search(logits, advance, reorder, seen, stop, n, num_beams, repetition_p
         cand[:, :, i] = idx % V
         full = fin[:, -1] > -math.inf
         ends = (stop[idx % V] | (i == n - 1)) & (open_ & ~(full & early_stopping))[:, None]
-        fin, best = torch.cat([fin, (top / (i + 1) ** length_penalty).masked_fill(~ends, -math.inf)], 1).topk(K)
+        score = (top / (i + 1) ** length_penalty).masked_fill(~ends, -math.inf)
+        fin, best = torch.cat([fin, score], 1).topk(K)
         fin_seqs = torch.cat([fin_seqs, cand], 1).gather(1, best[..., None].expand(-1, -1, n))
         if i == n - 1:
             break
@@ -150,15 +149,16 @@ def decode(model, prompts, stop, feats=None, max_new_tokens=128, temperature=0.0
         logits = model.lm_head(model.decode(x, t, mask[:, None]))[:, -1].float()
         step = forward_step if num_beams > 1 else decode_step
         step = torch.compile(step, mode="reduce-overhead", fullgraph=True) if compile else step
+        pos = torch.tensor([P], device=device)
         if num_beams > 1:
             pad = pad.repeat_interleave(num_beams)
-            rows = beam_search(logits, lambda tokens, i: step(model, tokens, t[-1:] + 1 + i, pad),
-                               model.reorder_cache, seen, stop, n, num_beams, repetition_penalty,
-                               length_penalty, early_stopping, check_every)
+            advance = lambda tokens, i: step(model, tokens, pos + i, pad)
+            rows = beam_search(logits, advance, model.reorder_cache, seen, stop, n, num_beams,
+                               repetition_penalty, length_penalty, early_stopping, check_every)
         else:
             settings = (temperature, top_p, repetition_penalty)
             token = next_token(logits, seen, *settings)
-            out, done, pos = [token], stop[token], torch.tensor([P], device=device)
+            out, done = [token], stop[token]
             for i in range(1, n):
                 if i % check_every == 0 and bool(done.all()):
                     break
@@ -171,21 +171,7 @@ def decode(model, prompts, stop, feats=None, max_new_tokens=128, temperature=0.0
     finally:
         model.clear_cache()
     is_stop = stop.tolist()
-    return [r[:next((j + 1 for j, t in enumerate(r) if is_stop[t]), len(r))] for r in rows.tolist()]
-
-
-def stop_tokens(tok, device):
-    """[V] bool: the tokens that end an answer: EOS and every piece that holds "###"."""
-    stop = torch.zeros(tok.vocab_size, dtype=torch.bool, device=device)
-    stop[[i for i in range(tok.sp.get_piece_size()) if STOP in tok.sp.id_to_piece(i)] + [tok.eos_id]] = True
-    return stop
-
-
-def answer_text(tok, ids, eval_prompt=False):
-    """New ids -> the text before the first "###", stripped. After eval_prompt_ids the model writes
-    "Assistant:" itself; RLHF-V's evaluation scripts deleted it, and so does this."""
-    text = tok.decode(ids).split(STOP)[0]
-    return (text.replace("Assistant:", "") if eval_prompt else text).strip()
+    return [r[:next((j + 1 for j, token in enumerate(r) if is_stop[token]), len(r))] for r in rows.tolist()]
 
 
 @torch.no_grad()
@@ -241,12 +227,12 @@ def settle(cfg, argv):
             setattr(cfg, key, value)
     for bad, message in [
         (cfg.dtype not in ("", *DTYPES), f"--dtype={cfg.dtype}: valid: {' '.join(DTYPES)}"),
-        (cfg.num_beams < 1, f"--num_beams={cfg.num_beams}: valid: 1 (greedy or sampled) or more (beam search)"),
+        (cfg.num_beams < 1, f"--num_beams={cfg.num_beams}: valid: 1 (greedy or sampled) or more (beams)"),
         (cfg.repetition_penalty <= 0, f"--repetition_penalty={cfg.repetition_penalty}: valid: > 0 (1: none)"),
         (cfg.max_new_tokens < 1, f"--max_new_tokens={cfg.max_new_tokens}: valid: 1 or more"),
         (not 0 < cfg.top_p <= 1, f"--top_p={cfg.top_p}: valid: > 0 and <= 1"),
         (cfg.num_beams > 1 and cfg.temperature > 0,
-         f"--temperature={cfg.temperature}: valid with --num_beams={cfg.num_beams}: 0 (beam search does not sample)"),
+         f"--temperature={cfg.temperature}: valid with --num_beams={cfg.num_beams}: 0 (beams do not sample)"),
     ]:
         if bad:
             raise SystemExit(message)

@@ -76,7 +76,7 @@ class TrainConfig:
     sft_steps: int = 1000
     sft_lr: float = 2e-3     # (seed 0, same tower: 1e-3 -> 28.5% of answers hallucinated, 2e-3 -> 22.0%)
     ablation: bool = False   # also run vanilla DPO (gamma 1) and SFT on the corrected answers
-    paper_decoding: bool = False  # evaluate every arm with RLHF-V's 3 beams and repetition penalty 1.1 (not greedy)
+    paper_decoding: bool = False  # evaluate every arm with RLHF-V's 3 beams, repetition penalty 1.1
 
 
 def lr_at(step, cfg, lr):

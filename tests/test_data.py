@@ -38,7 +38,8 @@ def test_eval_prompt_puts_the_image_after_the_question(tok):
     question, the image slots, "###" and nothing after: the model writes " Assistant:" itself."""
     p = data.eval_prompt_ids(tok, " What colour is the square? ", n_query=8)
     start = p.index(tok.im_start_id)
-    assert p[0] == tok.bos_id and p[start + 1:start + 9] == [tok.im_patch_id] * 8 and p[start + 9] == tok.im_end_id
+    assert p[0] == tok.bos_id and p[start + 1:start + 9] == [tok.im_patch_id] * 8
+    assert p[start + 9] == tok.im_end_id
     assert tok.decode(p[:start]) == data.SYSTEM + "\n###Human: What colour is the square?"
     assert p[start + 10:] == tok.encode(STOP) and tok.decode(p[start + 10:]) == STOP
 

@@ -43,5 +43,6 @@ def test_paper_decoding_evaluates_with_rlhfvs_beams(tmp_path, tok, init_ckpt, mo
     for paper in (False, True):
         rlhfv.evaluate(train.TrainConfig(out_dir=str(tmp_path), device="cpu", paper_decoding=paper), tok,
                        str(init_ckpt), scenes)
-    assert calls == [{"max_new_tokens": 96}, {"max_new_tokens": 96, "num_beams": 3, "repetition_penalty": 1.1}]
+    assert calls == [{"max_new_tokens": 96},
+                     {"max_new_tokens": 96, "num_beams": 3, "repetition_penalty": 1.1}]
     assert (init_ckpt / "eval.json").exists() and (init_ckpt / "eval_paper_decoding.json").exists()

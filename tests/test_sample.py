@@ -63,7 +63,8 @@ def recompute(model, prompts, images):
     rows = [(list(p), i) for i, p in enumerate(prompts)]
 
     def last_logits():
-        return torch.stack([model(torch.tensor([ids]), images=images[i][None])[0, -1] for ids, i in rows]).float()
+        return torch.stack([model(torch.tensor([ids]), images=images[i][None])[0, -1]
+                            for ids, i in rows]).float()
 
     def advance(tokens, _):
         rows[:] = [(ids + [t], i) for (ids, i), t in zip(rows, tokens.tolist())]
@@ -95,7 +96,7 @@ def test_batched_cached_beam_search_equals_recomputation(tok, dataset):
     once, cache rows copied to the beams and reordered after every step), give each prompt the
     answer of the same search recomputing every beam's whole sequence alone, without a cache."""
     model, images, prompts = tiny_setup(tok, dataset)
-    stop = sample.stop_tokens(tok, "cpu")
+    stop = data.stop_tokens(tok, "cpu")
     got = sample.decode(model, prompts, stop, model.encode_images(images), max_new_tokens=10, num_beams=3,
                         repetition_penalty=1.1)
     seen = torch.zeros(3, tok.vocab_size, dtype=torch.bool)
@@ -177,7 +178,8 @@ def test_repetition_penalty_multiplies_each_beams_own_log_probs():
     assert best[0].tolist() == [1, 0]
 
 
-@pytest.mark.parametrize("beams, early_stopping, answer", [(2, True, [3]), (2, False, [0, 2, 3]), (1, False, [3])])
+@pytest.mark.parametrize("beams, early_stopping, answer", [(2, True, [3]), (2, False, [0, 2, 3]),
+                                                           (1, False, [3])])
 def test_when_beam_search_stops(beams, early_stopping, answer):
     """transformers' stopping rule. Tokens a=0, b=1, c=2, stop=3. First token: stop 0.5, a 0.45,
     b 0.05; after a: c 0.9, stop 0.1; after b: stop; after a c: stop 0.55, c 0.45.
@@ -188,7 +190,8 @@ def test_when_beam_search_stops(beams, early_stopping, answer):
     (-0.904 + ln 0.55 = -1.502, -0.501 per token) beats "stop" (had the length counted one token
     more, -0.375 would not beat -0.347). One beam: "stop" finishes first, and the running a (-0.799
     per token) cannot beat it, so the search ends there, though a c stop would have won."""
-    probs = {(): {3: 0.5, 0: 0.45, 1: 0.05}, (0,): {2: 0.9, 3: 0.1}, (1,): {3: 1.0}, (0, 2): {3: 0.55, 2: 0.45}}
+    probs = {(): {3: 0.5, 0: 0.45, 1: 0.05}, (0,): {2: 0.9, 3: 0.1}, (1,): {3: 1.0},
+             (0, 2): {3: 0.55, 2: 0.45}}
     stop = torch.tensor([False, False, False, True])
     seen = torch.zeros(1, 4, dtype=torch.bool)
     best = sample.beam_search(*controlled(probs, 4), seen, stop, 6, beams, early_stopping=early_stopping)
@@ -229,7 +232,8 @@ def fake_stdin(monkeypatch, text):
     monkeypatch.setattr(sample.sys, "stdin", io.StringIO(text))
 
 
-def test_interactive_answers_each_line_with_the_conversation_so_far(tok, dataset, init_ckpt, monkeypatch, capsys):
+def test_interactive_answers_each_line_with_the_conversation_so_far(tok, dataset, init_ckpt, monkeypatch,
+                                                                   capsys):
     """--interactive: a line of standard input is a question (blank lines skipped), answered in the
     training template with the earlier turns before it; the image is encoded once for all of them."""
     calls = []
@@ -246,8 +250,8 @@ def test_interactive_answers_each_line_with_the_conversation_so_far(tok, dataset
     with torch.no_grad():
         for q, got in zip(["What colour is the square?", "How many?"], answers):
             ids = prompt_ids(tok, q, model.config.n_query, history)
-            new = sample.decode(model, [ids], sample.stop_tokens(tok, "cpu"), model.encode_images(image), 6)[0]
-            assert got == sample.answer_text(tok, new)
+            new = sample.decode(model, [ids], data.stop_tokens(tok, "cpu"), model.encode_images(image), 6)[0]
+            assert got == data.answer_text(tok, new)
             history.append((q, got))
 
 
@@ -275,7 +279,7 @@ def test_rlhfv_preset_decodes_as_the_papers_evaluation(tok, dataset, init_ckpt, 
 
 
 @pytest.mark.parametrize("arg, message", [
-    ("--num_beams=0", "--num_beams=0: valid: 1 (greedy or sampled) or more (beam search)"),
+    ("--num_beams=0", "--num_beams=0: valid: 1 (greedy or sampled) or more (beams)"),
     ("--repetition_penalty=-1.1", "--repetition_penalty=-1.1: valid: > 0 (1: none)"),
     ("--dtype=fp8", "--dtype=fp8: valid: bfloat16 float16 float32"),
     ("--preset=llava", "--preset=llava: valid: rlhfv (or none)"),
