@@ -253,8 +253,8 @@ def main(argv):
     stop, n_query, history = stop_tokens(tok, cfg.device), model.config.n_query, []
     options = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "repetition_penalty",
                                             "num_beams", "length_penalty", "early_stopping", "compile")}
-    for question in sys.stdin if cfg.interactive else [cfg.prompt]:
-        if not question.strip():
+    for question in (line.strip() for line in sys.stdin) if cfg.interactive else [cfg.prompt]:
+        if not question:
             continue
         # as Muffin's multi-turn chat: RLHF-V's evaluation prompt opens, the training template goes on
         ids = (eval_prompt_ids(tok, question, n_query) if cfg.preset == "rlhfv" and not history
