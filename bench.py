@@ -17,6 +17,7 @@ compilation), perf_counter after torch.cuda.synchronize. Weights are random, mad
   ref     the same forward under no_grad, to per-token log-probs, as train.reference_logps runs it.
   decode  sample.generate's prefill, then greedy sample.decode_step at batch 1 and 8 (bf16 weights on
           CUDA). tok/s = batch x (N - 1) / (time of N tokens - time of 1): the prefill drops out.
+          beam3@1: one prompt, 3 beams (sample.decode, no stop token): answer tokens per second.
           GB/s = the bytes a step reads (the weights but the embedding, the whole static KV cache) x steps/s.
 --compare: transformers loads the weights our LLaMA saved with save_pretrained (checked on the logits),
 runs the same step and reference pass, and decodes with generate() and its static cache. For the
@@ -48,7 +49,7 @@ SHAPES = {
                       dict(rows=8, seq=1024, prompt=128, new_tokens=128)),
 }
 COLUMNS = ("step tok/s", "pairs/s", "MFU", "step GiB", "ref tok/s",
-           "dec@1 tok/s", "dec@1 GB/s", "dec@8 tok/s", "dec@8 GB/s")
+           "dec@1 tok/s", "dec@1 GB/s", "dec@8 tok/s", "dec@8 GB/s", "beam3@1 tok/s")
 
 
 @dataclass
@@ -117,9 +118,14 @@ def decode_bytes(c, batch, max_len, elem):
 
 
 @torch.no_grad()
-def generate(model, ids, images, n, step):
+def generate(model, ids, images, n, step, beams=1, compile=False):
     """sample.generate without the tokenizer and its stop tokens (so every run decodes n tokens):
-    prefill into a fresh cache, then n - 1 greedy decode steps. Returns the last tokens [B]."""
+    prefill into a fresh cache, then n - 1 greedy decode steps. Returns the last tokens [B].
+    beams > 1: sample.decode's beam search instead (it compiles its own step)."""
+    if beams > 1:
+        feats = None if images is None else model.encode_images(images)
+        never = torch.zeros(model.llm_config.vocab_size, dtype=torch.bool, device=ids.device)
+        return sample.decode(model, ids.tolist(), never, feats, n, num_beams=beams, compile=compile)
     B, P = ids.shape
     model.setup_cache(B, P + n)
     try:
@@ -137,7 +143,7 @@ def generate(model, ids, images, n, step):
 
 def bench_model(label, model, forward, decode, set_ckpt, flops, c, vision, cfg):
     """The table rows of one model. forward(ids, images, image_index) -> logits serves the step and
-    the reference pass; decode(ids, images, n) generates n tokens; set_ckpt(bool) toggles activation
+    the reference pass; decode(ids, images, n, beams) generates n tokens; set_ckpt(bool) toggles activation
     checkpointing. The model is left in bf16 on CUDA."""
     cuda, tcfg, peak = cfg.device.startswith("cuda"), TrainConfig(stage="ddpo"), peak_flops(cfg.device)
     batch, tokens = ddpo_batch(c, vision, cfg.rows, cfg.seq, cfg.device), cfg.rows * cfg.seq
@@ -184,6 +190,9 @@ def bench_model(label, model, forward, decode, set_ckpt, flops, c, vision, cfg):
         steps_per_s = (n - 1) / median_time(lambda: decode(ids, images, n), cfg, minus=prefill)
         res[f"dec@{b} tok/s"] = b * steps_per_s
         res[f"dec@{b} GB/s"] = decode_bytes(c.llm, b, cfg.prompt + n, dtype.itemsize) * steps_per_s / 1e9
+    ids, images = ids[:1], images if images is None else images[:1]
+    t1 = median_time(lambda: decode(ids, images, 1, 3), cfg)
+    res["beam3@1 tok/s"] = (n - 1) / (median_time(lambda: decode(ids, images, n, 3), cfg) - t1)
     return rows
 
 
@@ -196,7 +205,7 @@ def ours(label, model, c, vision, cfg):
     else:
         forward = lambda ids, images, index: model(ids)
     flops = train_flops(model, cfg.rows * cfg.seq, cfg.rows // 2 if vision else 0)
-    decode = lambda ids, images, n: generate(model, ids, images, n, step)
+    decode = lambda ids, images, n, beams=1: generate(model, ids, images, n, step, beams, cfg.compile)
     set_ckpt = lambda on: setattr(model, "grad_checkpointing", on)
     return bench_model(label, model, forward, decode, set_ckpt, flops, c, vision, cfg), flops
 
@@ -213,9 +222,11 @@ def theirs(label, path, probe, flops, c, cfg):
         raise SystemExit(f"transformers did not load our weights: logits differ by {err:.1e} (relative)")
     forward = lambda ids, images, index: hf(input_ids=ids, use_cache=False).logits  # no cache in training
     # generate() compiles its decode step on CUDA by itself; only with --compile here, as ours
-    decode = lambda ids, images, n: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                                do_sample=False, cache_implementation="static",
-                                                disable_compile=not cfg.compile, pad_token_id=0)
+    # beams: min_new_tokens keeps an EOS (not a stop token of ours) from ending the search early
+    decode = lambda ids, images, n, beams=1: hf.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, num_beams=beams,
+        min_new_tokens=n if beams > 1 else None, cache_implementation="static", disable_compile=not cfg.compile,
+        pad_token_id=0)
     # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn)
     on, off = ((hf.activation_checkpointing_enable, hf.activation_checkpointing_disable)
                if hasattr(hf, "activation_checkpointing_enable") else

@@ -3,7 +3,8 @@
 - Tokenizer: SentencePiece plus the four tokens Muffin appends ([PAD], <im_patch>, <im_start>,
   <im_end>; ids 32000-32003 with LLaMA's tokenizer), with the BOS/EOS/pad a checkpoint's own files
   name (Tokenizer.from_pretrained), and `train_tokenizer` for our own world.
-- The training template of RLHF-V (conv_v1_2): the image slots come right after "### Human: ".
+- The training template of RLHF-V (conv_v1_2): the image slots come right after "### Human: ";
+  its evaluation prompt, which puts them after the question; the stop tokens and answer text.
 - Images: RGB, resized bicubic to a square, normalised with mean = std = 0.5 (Muffin's eval
   transform, used for both policy and reference: no random crops, which would make the reference
   log-probs disagree with training and flips, which would falsify left/right answers).
@@ -118,18 +119,48 @@ def train_tokenizer(lines, model_file, vocab_size, symbols=()):
     return Tokenizer(model_file)
 
 
-def prompt_ids(tok, question, n_query):
+def prompt_ids(tok, question, n_query, history=()):
     """BOS + the template up to "### Assistant:", with n_query image slots; n_query 0: a text-only
     row, which has no image block at all (the original only expands an "<image>" placeholder, and
     a text-only conversation has none). The answer is encoded on its own (see answer_ids), so the
-    boundary between prompt and labels is exact."""
+    boundary between prompt and labels is exact.
+    history: the earlier (question, answer) turns of a conversation about the same image, as
+    Muffin's multi-turn template writes them: "### Human: q\n### Assistant: a\n" each, the image
+    slots in the first human turn only; each answer is encoded as answer_ids encodes it in training."""
     image = "<im_start>" + "<im_patch>" * n_query + "<im_end>\n" if n_query else ""
-    return tok.encode(f"{SYSTEM}\n\n### Human: {image}{question.strip()}\n### Assistant:", bos=True)
+    questions = [q for q, _ in history] + [question]
+    ids = tok.encode(f"{SYSTEM}\n\n### Human: {image}{questions[0].strip()}\n### Assistant:", bos=True)
+    for (_, answer), q in zip(history, questions[1:]):
+        ids += answer_ids(tok, answer) + tok.encode(f"Human: {q.strip()}\n### Assistant:")
+    return ids
+
+
+def eval_prompt_ids(tok, question, n_query):
+    """The prompt of RLHF-V's evaluation, which is not the training template: Muffin's default
+    conversation with sep "\\n###", so the image slots come after the question, "###Human" has no
+    space, and no "Assistant:" follows: the model writes it (answer_text drops it, as the
+    evaluation scripts did)."""
+    image = "<im_start>" + "<im_patch>" * n_query + "<im_end>"
+    return tok.encode(f"{SYSTEM}\n###Human: {question.strip()}\n{image}\n###", bos=True)
 
 
 def answer_ids(tok, answer):
     """The labelled part: the answer and its terminator "\\n###" (RLHF-V appends no EOS)."""
     return tok.encode(answer.strip() + "\n" + STOP)
+
+
+def stop_tokens(tok, device):
+    """[V] bool: the tokens that end an answer: EOS and every piece that holds "###"."""
+    stop = torch.zeros(tok.vocab_size, dtype=torch.bool, device=device)
+    stop[[i for i in range(tok.sp.get_piece_size()) if STOP in tok.sp.id_to_piece(i)] + [tok.eos_id]] = True
+    return stop
+
+
+def answer_text(tok, ids, eval_prompt=False):
+    """Generated ids -> the text before the first "###", stripped. After eval_prompt_ids the model
+    writes "Assistant:" itself; RLHF-V's evaluation scripts deleted it, and so does this."""
+    text = tok.decode(ids).split(STOP)[0]
+    return (text.replace("Assistant:", "") if eval_prompt else text).strip()
 
 
 # ---------------------------------------------------------------------------------------- images

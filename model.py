@@ -247,6 +247,19 @@ class LLaMA(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
 
+    def reorder_cache(self, index):
+        """Row r of every layer's KV cache becomes row index[r] (beam search: the beams that survive a
+        step). Rewritten in place while the batch keeps its size, so that a decode step captured in a
+        CUDA graph keeps reading the same buffers; a new size (prompt rows -> beam rows) needs new ones."""
+        for layer in self.model.layers:
+            cache = layer.self_attn.kv_cache
+            k, v = cache.k.index_select(0, index), cache.v.index_select(0, index)
+            if k.shape == cache.k.shape:
+                cache.k.copy_(k)
+                cache.v.copy_(v)
+            else:
+                cache.k, cache.v = k, v
+
     def num_params(self, embeddings=True):
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.model.embed_tokens.weight.numel()

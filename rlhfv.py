@@ -28,7 +28,7 @@ import world
 from checkpoint import atomic_write
 from data import SYSTEM, Tokenizer, image_tensor, load_image, train_tokenizer
 from model import Muffin, autocast, sized
-from sample import generate
+from sample import PRESETS, generate
 
 
 def run(cfg, train):
@@ -163,14 +163,16 @@ def write_jsonl(path, rows):
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def describe_all(model_dir, tok, image_paths, prompts, cfg):
-    """Greedy answers of a checkpoint, one per (image, prompt), in batches of 250."""
+def describe_all(model_dir, tok, image_paths, prompts, cfg, **decoding):
+    """Answers of a checkpoint, one per (image, prompt), in batches of 250: greedy, or with the
+    options of sample.decode in `decoding` (num_beams, repetition_penalty, ...)."""
     model = Muffin.from_pretrained(model_dir).to(cfg.device).eval()
     size, answers = model.config.vision.img_size, []
     for i in range(0, len(prompts), 250):
         images = torch.stack([image_tensor(load_image(p), size) for p in image_paths[i:i + 250]])
         with autocast(cfg.device):
-            answers += generate(model, tok, images.to(cfg.device), prompts[i:i + 250], max_new_tokens=96)
+            answers += generate(model, tok, images.to(cfg.device), prompts[i:i + 250], max_new_tokens=96,
+                                **decoding)
     return answers
 
 
@@ -189,9 +191,10 @@ def collect(cfg, tok, sft_dir, scenes, offset, path):
 
 
 def evaluate(cfg, tok, model_dir, scenes):
-    """Greedy answers to every held-out scene, cached in eval.json with their scores (the report
-    scores them again, per scene, from the answers)."""
-    path = os.path.join(model_dir, "eval.json")
+    """Answers to every held-out scene (greedy, or as RLHF-V's evaluation decoded with
+    --paper_decoding), cached in eval.json (eval_paper_decoding.json) with their scores; the report
+    scores them again, per scene, from the answers."""
+    path = os.path.join(model_dir, "eval_paper_decoding.json" if cfg.paper_decoding else "eval.json")
     if os.path.exists(path):
         with open(path) as f:
             answers = json.load(f)["answers"]
@@ -199,7 +202,9 @@ def evaluate(cfg, tok, model_dir, scenes):
             return answers
     prompts = [world.DESCRIBE_PROMPTS[i % len(world.DESCRIBE_PROMPTS)] for i in range(len(scenes))]
     images = [os.path.join(cfg.out_dir, "world", "images", f"test{i}.png") for i in range(len(scenes))]
+    # the paper's beams and repetition penalty; its 1,024 tokens and prompt belong to the real model
+    paper = {k: PRESETS["rlhfv"][k] for k in ("num_beams", "repetition_penalty")}
     with timed(cfg.out_dir, f"evaluate {os.path.basename(model_dir)}"):
-        answers = describe_all(model_dir, tok, images, prompts, cfg)
+        answers = describe_all(model_dir, tok, images, prompts, cfg, **(paper if cfg.paper_decoding else {}))
     atomic_write(path, json.dumps({"scores": world.score(scenes, answers), "answers": answers}, indent=1))
     return answers

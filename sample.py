@@ -2,20 +2,27 @@
 
     python sample.py --ckpt=out/ddpo --image=scene.png --prompt="Describe the image in detail."
     python sample.py --ckpt=out/ddpo --image=a.png --temperature=0.7 --top_p=0.9
+    python sample.py --ckpt=RLHF-V --image=a.png --preset=rlhfv    # RLHF-V's evaluation decoding
+    python sample.py --ckpt=out/ddpo --image=a.png --interactive < questions.txt
 
 Prompts of different lengths are left-padded: RoPE only sees position differences, so a row
 shifted right by its padding computes the same attention as alone, once its pad slots are masked.
-The decode step has static shapes and no host synchronisation (sampling uses the exponential
-trick instead of torch.multinomial; finished rows are tracked on the device and checked every
-`check_every` tokens), so with --compile it is captured in a CUDA graph.
+Beam search keeps num_beams rows per prompt in the batch: each prompt is prefilled once, its cache
+row copied to its beams, and after every step each layer's cache rows follow the beams that survive
+(LLaMA.reorder_cache). The decode step has static shapes and no host synchronisation (sampling uses
+the exponential trick instead of torch.multinomial; finished rows are tracked on the device and
+checked every `check_every` tokens), so with --compile it is captured in a CUDA graph.
 Tests: python -m pytest tests/test_sample.py
 """
+import math
+import sys
 from dataclasses import dataclass
 
 import torch
 
 import cli
-from data import STOP, Tokenizer, check_tokenizer, image_tensor, load_image, prompt_ids
+from data import (Tokenizer, answer_text, check_tokenizer, eval_prompt_ids, image_tensor, load_image, prompt_ids,
+                  stop_tokens)
 from model import Muffin
 
 
@@ -25,13 +32,26 @@ class SampleConfig:
     tokenizer: str = ""           # default: <ckpt>/tokenizer.model
     image: str = ""                # the picture to ask about (required)
     prompt: str = "Describe the image in detail."
+    interactive: bool = False     # questions about the image from standard input, one a line, until EOF
+    preset: str = ""              # rlhfv: RLHF-V's evaluation (PRESETS, and its prompt: eval_prompt_ids)
     max_new_tokens: int = 128
     temperature: float = 0.0      # 0: greedy
     top_p: float = 1.0
-    repetition_penalty: float = 1.0  # RLHF-V's evaluation used 1.1 (with beam search, not here)
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the row (prompt included)
+    num_beams: int = 1            # > 1: beam search (RLHF-V's evaluation: 3)
+    length_penalty: float = 1.0   # beams: a finished hypothesis scores sum(log-probs) / length ** this
+    early_stopping: bool = False  # beams: done at num_beams finished (False, RLHF-V's: once none can improve)
+    dtype: str = ""               # bfloat16 | float16 | float32; default bfloat16 on CUDA, float32 on a CPU
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     compile: bool = False
+
+
+# RLHF-V's evaluation (spec 6.1); options given on the command line win. Its transformers (4.28)
+# stopped beam search only once every beam's text held "###"; here a beam ends at its own stop token,
+# as transformers' stop strings end beams now (test_parity.py compares with that).
+PRESETS = {"rlhfv": dict(num_beams=3, repetition_penalty=1.1, max_new_tokens=1024)}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def next_token(logits, seen, temperature, top_p, repetition_penalty):
@@ -51,65 +71,170 @@ def next_token(logits, seen, temperature, top_p, repetition_penalty):
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
 
 
-def decode_step(model, tokens, pos, pad, seen, settings):
-    """One token for every row: tokens [B] at cache slot pos (a 1-element tensor)."""
+def forward_step(model, tokens, pos, pad):
+    """Logits [B, V] (fp32) of one new token per row: tokens [B] at cache slot pos (a 1-element tensor)."""
     slots = torch.arange(model.cache_len, device=tokens.device)
     mask = ((slots <= pos) & (slots >= pad[:, None]))[:, None, None, :]
-    logits = model(tokens[:, None], input_pos=pos, mask=mask)[:, -1].float()
-    return next_token(logits, seen, *settings)
+    return model(tokens[:, None], input_pos=pos, mask=mask)[:, -1].float()
+
+
+def decode_step(model, tokens, pos, pad, seen, settings):
+    """One token for every row: tokens [B] at cache slot pos (a 1-element tensor)."""
+    return next_token(forward_step(model, tokens, pos, pad), seen, *settings)
+
+
+def beam_search(logits, advance, reorder, seen, stop, n, num_beams, repetition_penalty=1.0,
+                length_penalty=1.0, early_stopping=False, check_every=16):
+    """transformers' beam search for B prompts, K rows each. logits [B, V]: each prompt's first token;
+    advance(tokens [B*K], i) -> logits [B*K, V] after token i of each beam; reorder(index [B*K]): row
+    r of the model's cache becomes row index[r]; seen [B, V]: the prompts' tokens. -> [B, n] ids.
+    Beams grow by every token, scored by summed log-probs (the penalty multiplies those of each beam's
+    seen tokens: transformers' processors act after log_softmax in beam search). Of the best K, those
+    ending in a stop token (all, at n tokens) are finished, scored sum / length ** length_penalty, the
+    best K kept; the best K that do not stop run on. A prompt is done with K finished once (unless
+    early_stopping) the best running beam's sum / length cannot beat the worst of them."""
+    B, V = logits.shape
+    K, dev, rows = num_beams, logits.device, torch.arange(B, device=logits.device)[:, None]
+    run = torch.zeros(B, 1, device=dev)                        # running beams: summed log-probs
+    seqs = torch.zeros(B, 1, n, dtype=torch.long, device=dev)  # and their tokens
+    fin = torch.full((B, K), -math.inf, device=dev)            # finished: scores, best first
+    fin_seqs = torch.zeros(B, K, n, dtype=torch.long, device=dev)
+    open_ = torch.ones(B, dtype=torch.bool, device=dev)        # may still take finished hypotheses
+    for i in range(n):
+        logp = torch.log_softmax(logits, -1)
+        logp = torch.where(seen, logp * repetition_penalty, logp)  # log-probs are <= 0: more negative
+        total = (logp.view(B, -1, V) + run[..., None]).view(B, -1)
+        top, idx = total.topk(K)
+        cand = seqs.gather(1, (idx // V)[..., None].expand(-1, -1, n))
+        cand[:, :, i] = idx % V
+        full = fin[:, -1] > -math.inf
+        ends = (stop[idx % V] | (i == n - 1)) & (open_ & ~(full & early_stopping))[:, None]
+        score = (top / (i + 1) ** length_penalty).masked_fill(~ends, -math.inf)
+        fin, best = torch.cat([fin, score], 1).topk(K)
+        fin_seqs = torch.cat([fin_seqs, cand], 1).gather(1, best[..., None].expand(-1, -1, n))
+        if i == n - 1:
+            break
+        run, idx = total.view(B, -1, V).masked_fill(stop, -math.inf).view(B, -1).topk(K)
+        index = (rows * seqs.shape[1] + idx // V).flatten()  # the first step grows 1 row to K
+        seqs = seqs.gather(1, (idx // V)[..., None].expand(-1, -1, n))
+        seqs[:, :, i] = idx % V
+        reorder(index)
+        seen = seen[index].scatter_(1, (idx % V).view(-1, 1), True)
+        full = fin[:, -1] > -math.inf
+        open_ &= ~full | (run[:, 0] / (i + 1) ** length_penalty > fin[:, -1])
+        if (i + 1) % check_every == 0 and bool((~open_ | (full & early_stopping)).all()):
+            break
+        logits = advance((idx % V).flatten(), i)
+    return fin_seqs[:, 0]
 
 
 @torch.no_grad()
-def generate(model, tok, images, questions, max_new_tokens=128, temperature=0.0, top_p=1.0,
-             repetition_penalty=1.0, check_every=16, compile=False):
-    """images [B, 3, H, W] (one per question), questions: list of B strings -> B answers (text
-    before the first "###", stripped)."""
-    device = images.device
-    prompts = [prompt_ids(tok, q, model.config.n_query) for q in questions]
+def decode(model, prompts, stop, feats=None, max_new_tokens=128, temperature=0.0, top_p=1.0,
+           repetition_penalty=1.0, num_beams=1, length_penalty=1.0, early_stopping=False,
+           check_every=16, compile=False):
+    """B prompts (lists of ids) -> B lists of new ids, each up to and including its first stop token.
+    stop [V] bool: the tokens that end an answer; feats [B, n_query, d]: Muffin.encode_images of the
+    prompts' images (None: a plain LLaMA). One beam: greedy (temperature 0) or sampled."""
+    device, n = stop.device, max_new_tokens
     B, P = len(prompts), max(len(p) for p in prompts)
     pad = torch.tensor([P - len(p) for p in prompts], device=device)
-    ids = torch.tensor([[tok.pad_id] * (P - len(p)) + p for p in prompts], device=device)
-    model.setup_cache(B, P + max_new_tokens)
-    settings = (temperature, top_p, repetition_penalty)
-    stop = torch.zeros(tok.vocab_size, dtype=torch.bool, device=device)
-    stop[[i for i in range(tok.sp.get_piece_size()) if STOP in tok.sp.id_to_piece(i)] + [tok.eos_id]] = True
-    seen = torch.zeros(B, tok.vocab_size, dtype=torch.bool, device=device).scatter_(1, ids, True)
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # pad ids: masked
+    seen = torch.zeros(B, len(stop), dtype=torch.bool, device=device).scatter_(1, ids, True)
+    model.setup_cache(B, P + n)
     try:
-        slots = torch.arange(P + max_new_tokens, device=device)
+        slots = torch.arange(P + n, device=device)
         t = torch.arange(P, device=device)
         # causal over the prompt, pad slots hidden; a pad query sees itself so no row is all -inf
         mask = (slots[None, :] <= t[:, None]) & ((slots[None, :] >= pad[:, None, None]) | (slots == t[:, None]))
-        logits = model(ids, images=images, input_pos=t, mask=mask[:, None])[:, -1].float()
-        token = next_token(logits, seen, *settings)
-        step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True) if compile else decode_step
-        out, done, pos = [token], stop[token], torch.tensor([P], device=device)
-        for i in range(1, max_new_tokens):
-            if i % check_every == 0 and bool(done.all()):
-                break
-            seen.scatter_(1, token[:, None], True)
-            token = step(model, token, pos, pad, seen, settings)
-            pos = pos + 1
-            token = token.masked_fill(done, tok.pad_id)
-            out.append(token)
-            done = done | stop[token]
+        x = model.model.embed_tokens(ids)
+        x = x if feats is None else model.splice(ids, x, feats)
+        logits = model.lm_head(model.decode(x, t, mask[:, None]))[:, -1].float()
+        step = forward_step if num_beams > 1 else decode_step
+        step = torch.compile(step, mode="reduce-overhead", fullgraph=True) if compile else step
+        pos = torch.tensor([P], device=device)
+        if num_beams > 1:
+            pad = pad.repeat_interleave(num_beams)
+            advance = lambda tokens, i: step(model, tokens, pos + i, pad)
+            rows = beam_search(logits, advance, model.reorder_cache, seen, stop, n, num_beams,
+                               repetition_penalty, length_penalty, early_stopping, check_every)
+        else:
+            settings = (temperature, top_p, repetition_penalty)
+            token = next_token(logits, seen, *settings)
+            out, done = [token], stop[token]
+            for i in range(1, n):
+                if i % check_every == 0 and bool(done.all()):
+                    break
+                seen.scatter_(1, token[:, None], True)
+                token = step(model, token, pos, pad, seen, settings)
+                pos = pos + 1
+                out.append(token)
+                done = done | stop[token]
+            rows = torch.stack(out, 1)
     finally:
         model.clear_cache()
-    rows = torch.stack(out, 1).tolist()
-    return [tok.decode(r).split(STOP)[0].strip() for r in rows]
+    is_stop = stop.tolist()
+    return [r[:next((j + 1 for j, token in enumerate(r) if is_stop[token]), len(r))] for r in rows.tolist()]
+
+
+@torch.no_grad()
+def generate(model, tok, images, questions, max_new_tokens=128, **options):
+    """images [B, 3, H, W] (one per question), questions: list of B strings -> B answers (text
+    before the first "###", stripped), in the training template. options: those of decode
+    (temperature, top_p, repetition_penalty, num_beams, length_penalty, early_stopping, ...)."""
+    prompts = [prompt_ids(tok, q, model.config.n_query) for q in questions]
+    rows = decode(model, prompts, stop_tokens(tok, images.device), model.encode_images(images),
+                  max_new_tokens, **options)
+    return [answer_text(tok, r) for r in rows]
+
+
+def settle(cfg, argv):
+    """cfg with its preset's values under the options that argv gives; a bad value exits in one
+    line naming the option and its valid values."""
+    if cfg.preset and cfg.preset not in PRESETS:
+        raise cli.UsageError(f"--preset={cfg.preset}: valid: {' '.join(PRESETS)} (or none)")
+    given = {arg.removeprefix("--").partition("=")[0] for arg in argv}
+    for key, value in PRESETS.get(cfg.preset, {}).items():
+        if key not in given:
+            setattr(cfg, key, value)
+    for bad, message in [
+        (cfg.dtype not in ("", *DTYPES), f"--dtype={cfg.dtype}: valid: {' '.join(DTYPES)}"),
+        (cfg.num_beams < 1, f"--num_beams={cfg.num_beams}: valid: 1 (greedy or sampled) or more (beams)"),
+        (cfg.repetition_penalty <= 0, f"--repetition_penalty={cfg.repetition_penalty}: valid: > 0 (1: none)"),
+        (cfg.max_new_tokens < 1, f"--max_new_tokens={cfg.max_new_tokens}: valid: 1 or more"),
+        (not 0 < cfg.top_p <= 1, f"--top_p={cfg.top_p}: valid: > 0 and <= 1"),
+        (cfg.num_beams > 1 and cfg.temperature > 0,
+         f"--temperature={cfg.temperature}: valid with --num_beams={cfg.num_beams}: 0 (beams do not sample)"),
+    ]:
+        if bad:
+            raise cli.UsageError(message)
+    return cfg
 
 
 def main(argv):
-    cfg = cli.parse_args(SampleConfig, argv, paths=("ckpt", "tokenizer", "image"))
+    cfg = settle(cli.parse_args(SampleConfig, argv, paths=("ckpt", "tokenizer", "image")), argv)
     if not cfg.image:
-        raise cli.UsageError("--image is required: the picture to describe")
+        raise cli.UsageError("--image is required: the picture to ask about")
     torch.manual_seed(cfg.seed)
-    model = Muffin.from_pretrained(cfg.ckpt).to(cfg.device).eval()
+    dtype = DTYPES[cfg.dtype or ("bfloat16" if cfg.device.startswith("cuda") else "float32")]
+    model = Muffin.from_pretrained(cfg.ckpt, dtype=dtype).to(cfg.device).eval()
     tok_file = cfg.tokenizer or f"{cfg.ckpt}/tokenizer.model"
     tok = Tokenizer.from_pretrained(tok_file)
     check_tokenizer(tok, model.config, tok_file)
-    image = image_tensor(load_image(cfg.image), model.config.vision.img_size)[None].to(cfg.device)
-    print(generate(model, tok, image, [cfg.prompt], cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                   cfg.repetition_penalty, compile=cfg.compile)[0])
+    image = image_tensor(load_image(cfg.image), model.config.vision.img_size)[None].to(cfg.device, dtype)
+    with torch.no_grad():
+        feats = model.encode_images(image)  # once, however many questions are asked about the image
+    stop, n_query, history = stop_tokens(tok, cfg.device), model.config.n_query, []
+    options = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "repetition_penalty",
+                                            "num_beams", "length_penalty", "early_stopping", "compile")}
+    for question in (line.strip() for line in sys.stdin) if cfg.interactive else [cfg.prompt]:
+        if not question:
+            continue
+        # as Muffin's multi-turn chat: RLHF-V's evaluation prompt opens, the training template goes on
+        ids = (eval_prompt_ids(tok, question, n_query) if cfg.preset == "rlhfv" and not history
+               else prompt_ids(tok, question, n_query, history))
+        answer = answer_text(tok, decode(model, [ids], stop, feats, **options)[0], cfg.preset == "rlhfv")
+        print(answer, flush=True)
+        history.append((question, answer))
 
 
 if __name__ == "__main__":

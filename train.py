@@ -79,6 +79,7 @@ class TrainConfig:
     sft_lr: float = 2e-3     # above the tower's rate: the fresh decoder learns to read the queries better
     ablation: bool = False   # also run vanilla DPO (gamma 1) and SFT on the corrected answers
     seeds: str = ""          # "0,1,2": the miniature once per seed (<out_dir>/seed<S>) and a summary
+    paper_decoding: bool = False  # evaluate every arm with RLHF-V's 3 beams, repetition penalty 1.1
 
 
 def lr_at(step, cfg):

@@ -19,7 +19,8 @@ def test_tiny_runs_every_benchmark_once():
     table = bench.run_shape(cfg, set())
     assert [label for label, _ in table] == ["ours tiny", "ours tiny +grad_ckpt"]
     (_, full), (_, ckpt) = table
-    for k in ("step tok/s", "pairs/s", "ref tok/s", "dec@1 tok/s", "dec@1 GB/s", "dec@8 tok/s", "dec@8 GB/s"):
+    for k in ("step tok/s", "pairs/s", "ref tok/s", "dec@1 tok/s", "dec@1 GB/s", "dec@8 tok/s", "dec@8 GB/s",
+              "beam3@1 tok/s"):
         assert math.isfinite(full[k]) and full[k] > 0, k
     assert full["step tok/s"] / full["pairs/s"] == pytest.approx(2 * 48)  # a pair is a chosen and a rejected row
     assert full["MFU"] is None and full["step GiB"] is None  # no peak FLOP/s nor allocator on a CPU

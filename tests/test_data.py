@@ -110,6 +110,30 @@ def test_template_places_the_image_after_human(tok):
     assert tok.decode(a) == "The square is red.\n" + STOP and tok.sp.id_to_piece(a[-1]) == STOP
 
 
+def test_eval_prompt_puts_the_image_after_the_question(tok):
+    """RLHF-V's evaluation prompt: system prompt, "\n###Human: " (no space after ###), the
+    question, the image slots, "###" and nothing after: the model writes " Assistant:" itself."""
+    p = data.eval_prompt_ids(tok, " What colour is the square? ", n_query=8)
+    start = p.index(tok.im_start_id)
+    assert p[0] == tok.bos_id and p[start + 1:start + 9] == [tok.im_patch_id] * 8
+    assert p[start + 9] == tok.im_end_id
+    assert tok.decode(p[:start]) == data.SYSTEM + "\n###Human: What colour is the square?"
+    assert p[start + 10:] == tok.encode(STOP) and tok.decode(p[start + 10:]) == STOP
+
+
+def test_multi_turn_prompt_keeps_the_image_in_the_first_turn(tok):
+    """Earlier turns go into the training template as Muffin's multi-turn chat writes them: each
+    answer as answer_ids encodes it (ending "\n###"), then "Human: <question>\n### Assistant:";
+    the image slots once, in the first human turn."""
+    first = prompt_ids(tok, "How many?", 8)
+    p = prompt_ids(tok, "And the square?", 8, history=[("How many?", "Two."), ("Colours?", "Red.")])
+    tail = (answer_ids(tok, "Two.") + tok.encode("Human: Colours?\n### Assistant:")
+            + answer_ids(tok, "Red.") + tok.encode("Human: And the square?\n### Assistant:"))
+    assert p == first + tail and p.count(tok.im_patch_id) == 8
+    assert tok.decode(p).endswith("How many?\n### Assistant: Two.\n### Human: Colours?\n### Assistant: Red.\n"
+                                  "### Human: And the square?\n### Assistant:")
+
+
 def test_pair_batch_layout(tok, dataset):
     """2B rows (chosen, then rejected) sharing B images; padded to a multiple of 8; labels only on
     the answers; weights aligned with the shifted labels, gamma exactly on the swapped colour."""

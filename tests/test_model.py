@@ -120,6 +120,27 @@ def test_left_padded_batch_gives_each_rows_own_logits():
             assert_close_at_scale(logits[b], alone[len(prompts[b]) - 1 + i])
 
 
+@torch.no_grad()
+def test_reorder_cache_moves_rows_and_keeps_the_buffers_of_a_same_size_batch():
+    """reorder_cache(index): row r of every layer's keys and values becomes row index[r]. Growing the
+    batch (one prompt row -> 3 beams) makes new buffers; a same-size reorder rewrites the buffers in
+    place, so a decode step captured in a CUDA graph, which reads them by address, sees the change."""
+    model = tiny_llama()
+    model.setup_cache(2, 4)
+    model(torch.randint(0, TINY.llm.vocab_size, (2, 3)), input_pos=torch.arange(3))
+    caches = [layer.self_attn.kv_cache for layer in model.model.layers]
+    before = [(c.k.clone(), c.v.clone()) for c in caches]
+    grow = torch.tensor([1, 1, 0])
+    model.reorder_cache(grow)
+    for c, (k, v) in zip(caches, before):
+        assert torch.equal(c.k, k[grow]) and torch.equal(c.v, v[grow])
+    pointers = [(c.k.data_ptr(), c.v.data_ptr()) for c in caches]
+    model.reorder_cache(torch.tensor([2, 0, 0]))  # old rows 0, 1, 1
+    for c, (k, v), ptr in zip(caches, before, pointers):
+        assert torch.equal(c.k, k[[0, 1, 1]]) and torch.equal(c.v, v[[0, 1, 1]])
+        assert (c.k.data_ptr(), c.v.data_ptr()) == ptr
+
+
 @pytest.mark.parametrize("explicit_mask", [False, True], ids=["is_causal", "bool-mask"])
 @torch.no_grad()
 def test_attention_equals_naive_softmax_reference(explicit_mask):

@@ -1,6 +1,7 @@
 """Numerical parity with the trusted implementations: transformers' LlamaForCausalLM for model.LLaMA,
 torchscale's BEiT3 (the code Muffin runs) for vision.BEiT3. Random small models in fp32, loaded from
 the files the reference writes; the maximum relative error max|ours - ref| / max|ref| must be <= 1e-5.
+sample.py's beam search returns the tokens of transformers' generate(num_beams=3, ...).
 
 A development check: transformers and torchscale are not dependencies of this project, so these tests
 skip wherever they are missing (CI). With a venv that has them (and pytest):
@@ -14,6 +15,7 @@ import types
 import pytest
 import torch
 
+import sample
 from model import LLaMA, LLaMAConfig
 from vision import BEiT3
 
@@ -122,6 +124,46 @@ def test_llama_reads_transformers_4_config_json(tmp_path, style):
     err = rel_err(ours(ids), ref(ids).logits)
     print(f"\nLLaMA config.json {style}: max relative error {err:.2e}")
     assert err <= MAX_REL_ERR
+
+
+# --- beam search vs transformers' generate ---------------------------------------------------------
+
+BEAM_CASES = {  # name: (init std, seed, early_stopping); seeds on which every rule of the search
+    # (the early-stop comparison, each beam's own repetition penalty on its log-probs, the length
+    # normalisation, the cache following the beams) decides at least one answer
+    "early_stopping=False": (0.05, 5, False),  # as RLHF-V's evaluation left it
+    "early_stopping=True": (0.02, 1, True),
+}
+
+
+@pytest.mark.parametrize("case", BEAM_CASES)
+@torch.no_grad()
+def test_beam_search_matches_transformers(tmp_path, case):
+    """sample.decode with 3 beams and repetition penalty 1.1, on a batch of two prompts, returns the
+    ids that transformers' generate(num_beams=3, repetition_penalty=1.1, length_penalty=1.0) returns
+    from the same weights (ours saved, theirs loaded), each cut after its first stop token. The stop
+    tokens are the greedy answers' 5th and 8th tokens (transformers: eos_token_id), so that
+    hypotheses finish before max_new_tokens and the stopping rule decides."""
+    transformers = pytest.importorskip("transformers")
+    std, seed, early_stopping = BEAM_CASES[case]
+    torch.manual_seed(seed)
+    ours = LLaMA(LLaMAConfig(256, 64, 160, 2, 4, 2, max_position_embeddings=128)).init_weights(std).eval()
+    ours.save_pretrained(tmp_path)
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(seed))
+    greedy = sample.decode(ours, ids.tolist(), torch.zeros(256, dtype=torch.bool), max_new_tokens=20)
+    stops = sorted({greedy[0][4], greedy[1][7]})
+    stop = torch.zeros(256, dtype=torch.bool)
+    stop[stops] = True
+    got = sample.decode(ours, ids.tolist(), stop, max_new_tokens=20, num_beams=3, repetition_penalty=1.1,
+                        early_stopping=early_stopping)
+    out = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=3,
+                       repetition_penalty=1.1, length_penalty=1.0, early_stopping=early_stopping,
+                       max_new_tokens=20, eos_token_id=stops, pad_token_id=stops[0])
+    want = [r[:next((j + 1 for j, t in enumerate(r) if t in stops), len(r))] for r in out[:, 10:].tolist()]
+    print(f"\nbeam search {case}, transformers {transformers.__version__}: {want}")
+    assert got == want
+    assert any(len(w) < 20 for w in want)  # a hypothesis ended at a stop token
 
 
 # --- BEiT-3 vs torchscale ------------------------------------------------------------------------

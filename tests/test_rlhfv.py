@@ -1,5 +1,6 @@
-"""The miniature RLHF-V end to end, at toy sizes: every stage runs and writes its artefacts, and the
-report shows what the scorer and the DDPO loss see."""
+"""The miniature RLHF-V end to end, at toy sizes: every stage runs and writes its artefacts, the
+report shows what the scorer and the DDPO loss see, and the evaluation decodes greedily unless told
+to decode as RLHF-V did."""
 import json
 import os
 import shutil
@@ -146,3 +147,20 @@ def test_report_leaves_out_what_is_missing_with_a_note(toy, tmp_path):
     report.write(cfg, scenes, {"sft": None, "ddpo": answers["ddpo"]})
     assert Page(out / "report.html").notes[:2] == [
         "SFT: no evaluation, left out.", "Left out: ValueError: needs the answers of SFT and of an arm"]
+
+
+def test_paper_decoding_evaluates_with_rlhfvs_beams(tmp_path, tok, init_ckpt, monkeypatch):
+    """Held-out answers are greedy by default; --paper_decoding (one option, for every arm) gives
+    them by RLHF-V's 3 beams and repetition penalty 1.1, cached apart from the greedy ones."""
+    _, scenes = world.make_world(0, 0, 2)
+    os.makedirs(tmp_path / "world" / "images")
+    for i, scene in enumerate(scenes):
+        world.render(scene, 32).save(tmp_path / "world" / "images" / f"test{i}.png")
+    calls, generate = [], rlhfv.generate
+    monkeypatch.setattr(rlhfv, "generate", lambda *args, **kw: calls.append(kw) or generate(*args, **kw))
+    for paper in (False, True):
+        rlhfv.evaluate(train.TrainConfig(out_dir=str(tmp_path), device="cpu", paper_decoding=paper), tok,
+                       str(init_ckpt), scenes)
+    assert calls == [{"max_new_tokens": 96},
+                     {"max_new_tokens": 96, "num_beams": 3, "repetition_penalty": 1.1}]
+    assert (init_ckpt / "eval.json").exists() and (init_ckpt / "eval_paper_decoding.json").exists()
