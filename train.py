@@ -56,7 +56,7 @@ class TrainConfig:
     steps: int = 100         # the miniature's DDPO; SFT stages of the miniature use sft_steps
     batch_size: int = 32     # pairs (ddpo) or answers (sft) per micro-batch
     grad_accum: int = 1
-    lr: float = 5e-6         # the miniature's DDPO: small enough not to over-learn one direction of correction
+    lr: float = 1.5e-5       # the miniature's DDPO: unlearns the captions' prior, not "say fewer"
     warmup: float = 0.1      # fraction of steps; then cosine to 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -73,7 +73,7 @@ class TrainConfig:
     n_train: int = 6000      # training scenes: SFT captions, then answers to collect and correct
     n_test: int = 1000       # held-out scenes for evaluation
     image_size: int = 48
-    vision_steps: int = 800  # the tower learns to see first (rlhfv.pretrain_vision)
+    vision_steps: int = 1500  # at most; the tower learns to see first (rlhfv.pretrain_vision)
     vision_lr: float = 1e-3  # the tower's own rate: at SFT's it learns to see less reliably
     sft_steps: int = 1000
     sft_lr: float = 2e-3     # above the tower's rate: the fresh decoder learns to read the queries better

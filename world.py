@@ -14,7 +14,7 @@ How hallucinations arise. Real MLLMs learn to hallucinate from noisy web caption
 eyesight (a model that cannot see learns priors that DPO can only trade for other text-only rules).
 So the images are easy to see and it is the SFT captions that are wrong, written by a careless
 captioner who describes the scene he expects, not the one he sees. Where there is a square but no
-triangle he adds, with probability `p_cooc` = 0.6, a triangle in its stereotypical colour in an
+triangle he adds, with probability `p_cooc` = 0.8, a triangle in its stereotypical colour in an
 empty cell, and counts it (object and count hallucinations: squares and triangles "go together").
 Otherwise, with probability `p_noise` = 0.35, he either paints one object in its shape's
 stereotypical colour (attribute: "bananas are yellow") or puts it in the mirror cell (position:
@@ -214,7 +214,7 @@ def _careless(scene, rng, p_cooc, p_noise):
     return Scene(grid, tuple(sorted(objs, key=lambda o: (o.row, o.col))))
 
 
-def sft_examples(scenes, rng, p_noise=0.35, p_cooc=0.6, p_qa=0.25):
+def sft_examples(scenes, rng, p_noise=0.35, p_cooc=0.8, p_qa=0.25):
     """One (scene_idx, question, answer) per scene: with probability p_qa a short QA pair, else a
     detailed description by the careless captioner of the module docstring.
     The noise is drawn afresh at each call: call once per epoch for new captions."""
