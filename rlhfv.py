@@ -117,6 +117,22 @@ def build_world(cfg, wdir, sft_scenes, train_scenes, test_scenes):
                     sized(cfg.model).llm.vocab_size - 4, symbols=["\u2581" + SYSTEM.replace(" ", "\u2581")])
 
 
+KINDS = list(itertools.product(world.SHAPES, world.COLOURS, world.SIZES))  # what a cell can hold
+
+
+def vision_targets(scenes, size):
+    """What pretrain_vision teaches each query: images [N, 3, size, size] and [N, cells, 3] holding,
+    for cell i of the grid in reading order, what is in it (0 empty, else 1 + its index in KINDS),
+    which cell it is (i), and which object of the scene it holds (0 empty, 1 the first, ...)."""
+    images = torch.stack([image_tensor(world.render(s, size), size) for s in scenes])
+    out = torch.zeros(len(scenes), scenes[0].grid ** 2, 3, dtype=torch.long)
+    out[:, :, 1] = torch.arange(scenes[0].grid ** 2)
+    for i, s in enumerate(scenes):
+        for k, o in enumerate(s.objects):
+            out[i, o.row * s.grid + o.col, ::2] = torch.tensor([1 + KINDS.index(o[:3]), 1 + k])
+    return images, out
+
+
 def pretrain_vision(cfg, tok, scenes, check, path, batch=64):
     """Muffin starts from a pre-trained BEiT-3; ours starts from nothing, and trained through the
     queries by captions alone it would learn to see far slower than the decoder learns the
@@ -128,34 +144,27 @@ def pretrain_vision(cfg, tok, scenes, check, path, batch=64):
     number instead of finding the next occupied cell, where it would mix two objects of one colour.
     How long the tower takes to see varies with the seed, and at a constant rate its loss spikes now
     and then, so it is checked every 100 steps on scenes it never trains on, stops once it reads
-    them right, and keeps its best check (at most vision_steps). The decoder stays fresh; the whole model
-    is saved for SFT to start from, which keeps the tower and queries frozen (a fresh decoder's early
-    gradients would scramble what the tower learnt, and frozen queries spare SFT the backward pass
-    through the tower)."""
+    them right, and keeps its best check (at most vision_steps). The decoder stays fresh; the whole
+    model is saved for SFT to start from, which keeps the tower and queries frozen (a fresh
+    decoder's early gradients would scramble what the tower learnt, and frozen queries spare SFT the
+    backward pass through the tower)."""
     torch.manual_seed(cfg.seed)
     model = Muffin(sized(cfg.model, tok.vocab_size, tok.im_patch_id)).init_weights().to(cfg.device)
     tower, query, size = model.model.vision_tower.beit3, model.model.query, cfg.image_size
-    cells, kinds = scenes[0].grid ** 2, list(itertools.product(world.SHAPES, world.COLOURS, world.SIZES))
+    cells = scenes[0].grid ** 2
     if len(query) < cells or model.config.vision.img_size != size:
         raise ValueError(f"--model={cfg.model}: needs >= {cells} queries and {size} px images")
-    n_what, n_rank = 1 + len(kinds), 1 + max(len(s.objects) for s in scenes + check)
+    n_what, n_rank = 1 + len(KINDS), 1 + max(len(s.objects) for s in scenes + check)
 
-    def targets(scenes):  # images [N, 3, H, W]; [N, cells, 3]: what, where, rank (0: empty)
-        images = torch.stack([image_tensor(world.render(s, size), size) for s in scenes])
-        out = torch.zeros(len(scenes), cells, 3, dtype=torch.long)
-        out[:, :, 1] = torch.arange(cells)
-        for i, s in enumerate(scenes):
-            for k, o in enumerate(s.objects):
-                out[i, o.row * s.grid + o.col, ::2] = torch.tensor([1 + kinds.index(o[:3]), 1 + k])
-        return images.to(cfg.device), out.to(cfg.device)
+    head = nn.Linear(query.shape[1], n_what + cells + n_rank).to(cfg.device)
 
     def logits(images):  # [N, cells, what | where | rank]
         with autocast(cfg.device):
             h = tower(images, extra=query.expand(len(images), -1, -1))[:, -len(query):][:, :cells]
             return head(h).float().split([n_what, cells, n_rank], -1)
 
-    (images, labels), (check_images, check_labels) = targets(scenes), targets(check)
-    head = nn.Linear(query.shape[1], n_what + cells + n_rank).to(cfg.device)
+    images, labels = (t.to(cfg.device) for t in vision_targets(scenes, size))
+    check_images, check_labels = (t.to(cfg.device) for t in vision_targets(check, size))
     opt = torch.optim.AdamW([*tower.parameters(), query, *head.parameters()], lr=cfg.vision_lr)
     g, best = torch.Generator().manual_seed(cfg.seed), (-1.0, None)
     for step in range(1, cfg.vision_steps + 1):

@@ -28,6 +28,19 @@ def toy(tmp_path_factory):
     return replace(cfg, out_dir=str(out / "seed0"), seeds="")
 
 
+def test_each_query_learns_what_its_cell_holds_which_cell_and_which_object():
+    """A red small circle at (0, 2) and a blue large square at (1, 0). KINDS is shape x colour x
+    size (5 x 6 x 2), so the circle is kind 0 and the square 1 * 12 + 2 * 2 + 1 = 17 (what = 1 + kind);
+    in reading order the circle (cell 2) is object 1 and the square (cell 3) object 2."""
+    circle, square = world.Obj("circle", "red", "small", 0, 2), world.Obj("square", "blue", "large", 1, 0)
+    images, targets = rlhfv.vision_targets([world.Scene(3, (circle, square))], 48)
+    assert images.shape == (1, 3, 48, 48) and targets.shape == (1, 9, 3)
+    what, where, number = targets[0].T.tolist()
+    assert what == [0, 0, 1, 18, 0, 0, 0, 0, 0]
+    assert where == list(range(9))
+    assert number == [0, 0, 1, 2, 0, 0, 0, 0, 0]
+
+
 def test_miniature_runs_every_stage_and_writes_every_artefact(toy):
     """world + tokenizer -> vision pre-training -> SFT -> collect + correct -> DDPO, vanilla DPO and SFT on
     the corrected answers -> evaluation -> results.json, report.png and report.html; a second call finds
