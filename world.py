@@ -14,12 +14,13 @@ How hallucinations arise. Real MLLMs learn to hallucinate from noisy web caption
 eyesight (a model that cannot see learns priors that DPO can only trade for other text-only rules).
 So the images are easy to see and it is the SFT captions that are wrong, written by a careless
 captioner who describes the scene he expects, not the one he sees. Where there is a square but no
-triangle he adds, with probability `p_cooc` = 0.8, a triangle in its stereotypical colour in an
+triangle he adds, with probability `p_cooc` = 0.9, a triangle in its stereotypical colour in an
 empty cell, and counts it (object and count hallucinations: squares and triangles "go together").
 Otherwise, with probability `p_noise` = 0.35, he either paints one object in its shape's
 stereotypical colour (attribute: "bananas are yellow") or puts it in the mirror cell (position:
-left/right mix-ups). The co-occurrence is stated more often than not, or greedy decoding, which says
-the most likely words, would never repeat it; the slips are rarer and only blur what the model reads.
+left/right mix-ups). The co-occurrence is stated nearly always, or greedy decoding, which says the
+most likely words, would repeat it too seldom for the problem to be real (a model that sees well
+weighs the image against the prior); the slips are rarer and only blur what the model reads.
 In the scenes themselves every shape, colour and cell is equally likely, so undoing any of this
 needs the image. Short QA answers are always right, as in curated VQA data.
 
@@ -214,7 +215,7 @@ def _careless(scene, rng, p_cooc, p_noise):
     return Scene(grid, tuple(sorted(objs, key=lambda o: (o.row, o.col))))
 
 
-def sft_examples(scenes, rng, p_noise=0.35, p_cooc=0.8, p_qa=0.25):
+def sft_examples(scenes, rng, p_noise=0.35, p_cooc=0.9, p_qa=0.25):
     """One (scene_idx, question, answer) per scene: with probability p_qa a short QA pair, else a
     detailed description by the careless captioner of the module docstring.
     The noise is drawn afresh at each call: call once per epoch for new captions."""
