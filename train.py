@@ -73,9 +73,9 @@ class TrainConfig:
     n_train: int = 6000      # training scenes: SFT captions, then answers to collect and correct
     n_test: int = 1000       # held-out scenes for evaluation
     image_size: int = 48
-    vision_steps: int = 1500  # at most; the tower learns to see first (rlhfv.pretrain_vision)
+    vision_steps: int = 1300  # at most; the tower learns to see first (rlhfv.pretrain_vision)
     vision_lr: float = 1e-3  # the tower's own rate: at SFT's it learns to see less reliably
-    sft_steps: int = 1000
+    sft_steps: int = 900
     sft_lr: float = 2e-3     # above the tower's rate: the fresh decoder learns to read the queries better
     ablation: bool = False   # also run vanilla DPO (gamma 1) and SFT on the corrected answers
     seeds: str = ""          # "0,1,2": the miniature once per seed (<out_dir>/seed<S>) and a summary
