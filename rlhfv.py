@@ -155,7 +155,6 @@ def pretrain_vision(cfg, tok, scenes, check, path, batch=64):
     if len(query) < cells or model.config.vision.img_size != size:
         raise ValueError(f"--model={cfg.model}: needs >= {cells} queries and {size} px images")
     n_what, n_rank = 1 + len(KINDS), 1 + max(len(s.objects) for s in scenes + check)
-
     head = nn.Linear(query.shape[1], n_what + cells + n_rank).to(cfg.device)
 
     def logits(images):  # [N, cells, what | where | rank]
