@@ -221,8 +221,8 @@ def test_bfloat16_decoding_agrees_with_float32_where_the_choice_is_clear(tok, da
     bits: every weight, activation and cache entry it rounds moves by up to 2^-8 of its size, and
     each logit comes out of a chain of such roundings; a bf16 logit is allowed 4 x 2^-8 of the
     largest |logit| away from fp32's, so where the top-2 gap is above twice that, both argmaxes
-    agree. That holds for at least the first 4 tokens of each answer (compared: all of them up to
-    the first step with a narrower gap)."""
+    agree. Compared: each answer's tokens up to the first step with a narrower gap, at least 8 in
+    all (a fresh model's gaps are narrow at places that depend on its initialisation and tokenizer)."""
     fp32 = Muffin.from_pretrained(init_ckpt).eval()
     bf16 = Muffin.from_pretrained(init_ckpt, dtype=torch.bfloat16).eval()
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
@@ -230,6 +230,7 @@ def test_bfloat16_decoding_agrees_with_float32_where_the_choice_is_clear(tok, da
     none = torch.zeros(tok.vocab_size, dtype=torch.bool)
     want = sample.decode(fp32, prompts, none, fp32.encode_images(images), max_new_tokens=12)
     got = sample.decode(bf16, prompts, none, bf16.encode_images(images.bfloat16()), max_new_tokens=12)
+    compared = 0
     for p, image, w, g in zip(prompts, images, want, got):
         ids = torch.tensor([p + w])
         z = fp32(ids, images=image[None])[0, len(p) - 1:-1]  # fp32's logits for each token of w
@@ -239,7 +240,9 @@ def test_bfloat16_decoding_agrees_with_float32_where_the_choice_is_clear(tok, da
         top2 = z.topk(2).values
         clear = ((top2[:, 0] - top2[:, 1]) > 2 * bound).tolist() + [False]
         n = clear.index(False)
-        assert n >= 4 and g[:n] == w[:n]
+        assert g[:n] == w[:n]
+        compared += n
+    assert compared >= 8
 
 
 def fake_stdin(monkeypatch, text):
