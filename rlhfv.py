@@ -176,12 +176,13 @@ def pretrain_vision(cfg, tok, scenes, check, path, batch=64):
         if step % 100 == 0 or step == cfg.vision_steps:
             with torch.no_grad():
                 what, _, rank = (z.argmax(-1) for z in logits(check_images))
-            right = [(y == check_labels[..., j]).float().mean().item() for j, y in ((0, what), (2, rank))]
+            right = [(what == check_labels[..., 0]).float().mean().item(),
+                     (rank == check_labels[..., 2]).float().mean().item()]
             print(f"vision {step}/{cfg.vision_steps} loss {loss.item():.4f} | check scenes: cells "
                   f"{100 * right[0]:.1f}%, object numbers {100 * right[1]:.1f}% right")
             if min(right) > best[0]:
                 best = min(right), {k: v.clone() for k, v in model.state_dict().items()}
-            if right[0] >= 0.995 and right[1] >= 0.985:
+            if right[0] >= 0.995 and right[1] >= 0.985:  # numbering needs the whole scene
                 break
     if best[1] is not None:
         model.load_state_dict(best[1])
