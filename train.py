@@ -53,10 +53,10 @@ class TrainConfig:
     sft_weight: float = 0.0  # + weight * NLL of the chosen answer (0 in the paper)
     ref_cache: str = ""      # default: <out_dir>/ref_logps.safetensors
     # optimisation (paper: lr 5e-7, batch 32, 320 steps, warm-up 10%, clip 1, all params trained)
-    steps: int = 100         # the miniature's DDPO; SFT stages of the miniature use sft_steps
+    steps: int = 200         # the miniature's DDPO; SFT stages of the miniature use sft_steps
     batch_size: int = 32     # pairs (ddpo) or answers (sft) per micro-batch
     grad_accum: int = 1
-    lr: float = 1.5e-5       # the miniature's DDPO: unlearns the captions' prior, not "say fewer"
+    lr: float = 1.5e-5       # the miniature's DDPO: unlearns the prior; at 3e-5 it starts to say fewer
     warmup: float = 0.1      # fraction of steps; then cosine to 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
