@@ -145,8 +145,8 @@ def pretrain_vision(cfg, tok, scenes, check, path, batch=64):
     Without a warm-up, clipping and Adam's shorter second-moment memory (beta2 0.95), its loss
     spikes and on some seeds it has not learnt to see after vision_steps. How long it takes still
     varies with the seed, so it is checked every 100 steps on scenes it never trains on, stops once
-    it reads them right, and keeps its best check (at most vision_steps). The decoder stays fresh; the whole
-    model is saved for SFT to start from, which keeps the tower and queries frozen (a fresh
+    it reads them right, and keeps its best check (at most vision_steps). The decoder stays fresh;
+    the whole model is saved for SFT to start from, which keeps the tower and queries frozen (a fresh
     decoder's early gradients would scramble what the tower learnt, and frozen queries spare SFT the
     backward pass through the tower)."""
     torch.manual_seed(cfg.seed)
