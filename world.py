@@ -18,11 +18,8 @@ triangle he adds, with probability `p_cooc` = 0.9, a triangle in its stereotypic
 empty cell, and counts it (object and count hallucinations: squares and triangles "go together").
 Otherwise, with probability `p_noise` = 0.35, he either paints one object in its shape's
 stereotypical colour (attribute: "bananas are yellow") or puts it in the mirror cell (position:
-left/right mix-ups). And he overlooks small crosses beside other objects (`p_omit` = 0.7) and
-counts without them, so that corrections add objects as well as remove them: a preference that
-only ever removes objects can be learnt from the text alone ("say fewer").
-The co-occurrence and the omission are stated in most captions, or greedy decoding, which says the
-most likely words, would repeat them too seldom for the problem to be real (a model that sees well
+left/right mix-ups). The co-occurrence is stated nearly always, or greedy decoding, which says the
+most likely words, would repeat it too seldom for the problem to be real (a model that sees well
 weighs the image against the prior); the slips are rarer and only blur what the model reads.
 In the scenes themselves every shape, colour and cell is equally likely, so undoing any of this
 needs the image. Short QA answers are always right, as in curated VQA data.
@@ -31,8 +28,7 @@ Judging. parse reads an answer sentence by sentence into claims (a count, object
 their colour, size and position, relations between two objects); check matches mentions to scene
 objects and gives each claim a verdict of type object, attribute, count or relation (position
 phrases count as relations, as in the paper's "position" type); correct rewrites only the wrong
-words, so that a token diff of the two answers (ddpo.token_weights) marks exactly the correction;
-a wrong count is made true of the answer, by adding sentences for the objects it left out.
+words, so that a token diff of the two answers (ddpo.token_weights) marks exactly the correction.
 
     python -m pytest tests/test_world.py -q
 """
@@ -198,30 +194,28 @@ def _qa(scene, rng):
     return f"Is there a {shape}?", f"No, there is no {shape}."
 
 
-def _careless(scene, rng, p_cooc, p_noise, p_omit):
+def _careless(scene, rng, p_cooc, p_noise):
     """The scene as the careless captioner of the module docstring believes it to be."""
     objs, grid = list(scene.objects), scene.grid
-    faint = [o for o in objs if (o.shape, o.size) == ("cross", "small")]
-    if faint and len(faint) < len(objs) and rng.random() < p_omit:
-        objs = [o for o in objs if o not in faint]
     taken = {(o.row, o.col) for o in objs}
     free = [(r, c) for r in range(grid) for c in range(grid) if (r, c) not in taken]
     shapes = {o.shape for o in objs}
     if "square" in shapes and "triangle" not in shapes and free and rng.random() < p_cooc:
         r, c = rng.choice(free)
         objs.append(Obj("triangle", STEREOTYPE["triangle"], rng.choice(SIZES), r, c))
-    elif rng.random() < p_noise:
-        if rng.random() < 0.5:
-            if off := [i for i, o in enumerate(objs) if o.colour != STEREOTYPE[o.shape]]:
-                i = rng.choice(off)
-                objs[i] = objs[i]._replace(colour=STEREOTYPE[objs[i].shape])
-        elif movable := [i for i, o in enumerate(objs) if (o.row, grid - 1 - o.col) in free]:
-            i = rng.choice(movable)
-            objs[i] = objs[i]._replace(col=grid - 1 - objs[i].col)
+    elif rng.random() >= p_noise:
+        return scene
+    elif rng.random() < 0.5:
+        if off := [i for i, o in enumerate(objs) if o.colour != STEREOTYPE[o.shape]]:
+            i = rng.choice(off)
+            objs[i] = objs[i]._replace(colour=STEREOTYPE[objs[i].shape])
+    elif movable := [i for i, o in enumerate(objs) if (o.row, grid - 1 - o.col) in free]:
+        i = rng.choice(movable)
+        objs[i] = objs[i]._replace(col=grid - 1 - objs[i].col)
     return Scene(grid, tuple(sorted(objs, key=lambda o: (o.row, o.col))))
 
 
-def sft_examples(scenes, rng, p_noise=0.35, p_cooc=0.9, p_omit=0.7, p_qa=0.25):
+def sft_examples(scenes, rng, p_noise=0.35, p_cooc=0.9, p_qa=0.25):
     """One (scene_idx, question, answer) per scene: with probability p_qa a short QA pair, else a
     detailed description by the careless captioner of the module docstring.
     The noise is drawn afresh at each call: call once per epoch for new captions."""
@@ -231,7 +225,7 @@ def sft_examples(scenes, rng, p_noise=0.35, p_cooc=0.9, p_omit=0.7, p_qa=0.25):
             out.append((i, *_qa(scene, rng)))
         else:
             prompt = rng.choice(DESCRIBE_PROMPTS)  # before the noise: the README's numbers use this draw order
-            out.append((i, prompt, describe(_careless(scene, rng, p_cooc, p_noise, p_omit), rng)))
+            out.append((i, prompt, describe(_careless(scene, rng, p_cooc, p_noise), rng)))
     return out
 
 
@@ -239,7 +233,7 @@ def corpus(scenes, rng):
     """Tokenizer text: the prompts, and per scene a true and a careless description, a QA pair."""
     lines = list(DESCRIBE_PROMPTS)
     for scene in scenes:
-        lines += [describe(scene, rng), describe(_careless(scene, rng, 1.0, 1.0, 1.0), rng), *_qa(scene, rng)]
+        lines += [describe(scene, rng), describe(_careless(scene, rng, 1.0, 1.0), rng), *_qa(scene, rng)]
     return lines
 
 
@@ -353,30 +347,16 @@ def _drop(answer, sentence):
     return start, end, ""
 
 
-def _add(answer, scene, owner, count, left_out):
-    """Edits inserting a sentence for each object in left_out, after the sentence of the described
-    object before it in reading order (after the count's sentence if there is none): both stay."""
-    edits = []
-    for o in left_out:
-        before = [(p.row, p.col, m.sentence[1]) for m, p in owner.items() if (p.row, p.col) < (o.row, o.col)]
-        at = max(before)[2] if before else count.sentence[1]
-        stop = "" if answer[at - 1] in ".!?" or (at, at) in [e[:2] for e in edits] else "."
-        edits.append((at, at, f"{stop} There is a {o.size} {o.colour} {o.shape} {_place(o, scene.grid)}."))
-    return edits
-
-
 def _judge(scene, answer):
     """(claims, verdicts, how many scene objects the answer describes without error)."""
     claims, grid, n = parse(answer), scene.grid, len(scene.objects)
     owner = _match(scene, [c for c in claims if isinstance(c, Mention)])
     spare = [o for o in scene.objects if o not in owner.values()]  # to replace invented objects
-    left_out = spare[sum(isinstance(c, Mention) and c not in owner for c in claims):]
     verdicts, covered = [], 0
     for c in claims:
-        if isinstance(c, Count):  # a corrected count is made true of the answer: the rest is added
+        if isinstance(c, Count):
             fixed = f"{'is' if n == 1 else 'are'} " * bool(c.verb) + f"{NUMBERS[n - 1]} {c.noun}"
-            fix = ((c.phrase.start, c.phrase.end, _like(c.phrase.text, fixed + "s" * (n != 1))),
-                   *_add(answer, scene, owner, c, left_out))
+            fix = ((c.phrase.start, c.phrase.end, _like(c.phrase.text, fixed + "s" * (n != 1))),)
             verdicts.append(Verdict("count", c.phrase, c.n == n, () if c.n == n else fix))
         elif isinstance(c, Mention) and c in owner:
             said = [Verdict("object", c.shape, True, ())] + _attributes(c, owner[c], grid)
@@ -415,17 +395,15 @@ def check(scene, answer):
 
 def correct(scene, answer):
     """The automatic annotator: the answer with only its hallucinated words replaced (or, where
-    nothing true can take their place, their sentences deleted, or, under a wrong count, the objects
-    left out added); None if nothing is hallucinated."""
-    # At equal starts insertions first, then the longest, so that a deleted sentence swallows the
-    # edits inside it but not a sentence added before it.
+    nothing true can take their place, their sentences deleted); None if nothing is hallucinated."""
+    # Longest first at equal starts, so that a deleted sentence swallows the edits inside it.
     edits = sorted((e for v in check(scene, answer) if not v.ok for e in v.edits),
-                   key=lambda e: (e[0], e[1] > e[0], -e[1]))
+                   key=lambda e: (e[0], -e[1]))
     if not edits:
         return None
     out, at = [], 0
     for start, end, text in edits:
-        if end > at or start == end == at:  # two deleted sentences may both claim the space between them
+        if end > at:  # two deleted sentences may both claim the space between them
             out += [answer[at:start], text]
             at = end
     return "".join(out) + answer[at:]

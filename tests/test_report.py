@@ -29,7 +29,7 @@ def some_outcomes(seed, n=60):
     _, scenes = world.make_world(seed, 0, n)
     rng = random.Random(seed)
     good = [world.describe(s, rng) for s in scenes]
-    bad = [world.describe(world._careless(s, rng, 1.0, 1.0, 1.0), rng) for s in scenes]
+    bad = [world.describe(world._careless(s, rng, 1.0, 1.0), rng) for s in scenes]
     return world.outcomes(scenes, good), world.outcomes(scenes, bad)
 
 
@@ -86,7 +86,7 @@ def test_sweep_writes_its_table(tmp_path):
     for seed in (0, 1):
         _, scenes = world.make_world(seed, 0, 30)
         rng = random.Random(seed)
-        careless = [world.describe(world._careless(s, rng, 1.0, 1.0, 1.0), rng) for s in scenes]
+        careless = [world.describe(world._careless(s, rng, 1.0, 1.0), rng) for s in scenes]
         runs[seed] = (scenes, {"sft": careless, "ddpo": [world.describe(s, rng) for s in scenes], "dpo": None})
     cfg = SimpleNamespace(out_dir=str(tmp_path), seed=0, seeds="0,1", device="cpu")
     report.write_sweep(cfg, runs)

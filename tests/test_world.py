@@ -112,19 +112,10 @@ def test_true_descriptions_score_clean():
 @pytest.mark.parametrize("rejected, chosen", [
     ("There are three objects. A small green circle is in the top left.",
      "There are three objects. A small red circle is in the top left."),
-    # a wrong count is made true of the answer: the objects left out are added in reading order,
-    # each after the object before it (or after the count)
     ("I can see two shapes. On the right, there is a small yellow cross.",  # capital kept
-     "I can see three shapes. There is a small red circle in the top left. There is a large blue "
-     "square in the center. In the bottom right, there is a small yellow cross."),
-    ("There are two objects. A small red circle is in the top left. There is a large blue square "
-     "in the center.",  # what the careless captioner says: he overlooks small crosses
-     "There are three objects. A small red circle is in the top left. There is a large blue square "
-     "in the center. There is a small yellow cross in the bottom right."),
-    ("The blue square is to the left of the red circle. There is one object",
-     "The blue square is to the right of the red circle. There are three objects. There is a small "
-     "red circle in the top left. There is a large blue square in the center. There is a small "
-     "yellow cross in the bottom right."),
+     "I can see three shapes. In the bottom right, there is a small yellow cross."),
+    ("The blue square is to the left of the red circle. There is one object.",
+     "The blue square is to the right of the red circle. There are three objects."),
     # an invented object becomes the object the answer left out, in its words and place
     ("A small red circle is in the top left. There is a large blue square in the center. "
      "I see a large green triangle at the top.",
@@ -142,9 +133,8 @@ def test_correct_changes_only_the_hallucinated_words(rejected, chosen):
 
 def test_count_correction_keeps_grammar():
     one = Scene(3, (Obj("diamond", "purple", "large", 2, 1),))
-    assert correct(one, "There are two objects.") == ("There is one object. There is a large purple "
-                                                      "diamond at the bottom.")
-    assert correct(SCENE, "There is one object.").startswith("There are three objects. There is a")
+    assert correct(one, "There are two objects.") == "There is one object."
+    assert correct(SCENE, "There is one object.") == "There are three objects."
 
 
 def test_corrected_captions_check_clean():
@@ -200,28 +190,18 @@ def test_the_sft_captions_carry_the_bias():
     # a square and no triangle: the careless captioner with p_cooc=1 always adds a triangle
     prone = [s for s in train
              if {o.shape for o in s.objects} & {"square", "triangle"} == {"square"}]
-    answers = [a for _, _, a in world.sft_examples(prone, rng, p_noise=1.0, p_cooc=1.0, p_omit=0.0,
-                                                   p_qa=0.0)]
+    answers = [a for _, _, a in world.sft_examples(prone, rng, p_noise=1.0, p_cooc=1.0, p_qa=0.0)]
     assert all(f"{world.STEREOTYPE['triangle']} triangle" in a for a in answers)
     assert score(prone, answers)["object"] == score(prone, answers)["count"] == 1.0
-    # a small cross beside other objects: with p_omit=1 he overlooks it, and counts too few
-    faint = [s for s in train
-             if 0 < sum((o.shape, o.size) == ("cross", "small") for o in s.objects) < len(s.objects)]
-    answers = [a for _, _, a in world.sft_examples(faint, rng, p_cooc=0.0, p_omit=1.0, p_qa=0.0)]
-    assert all(c.n < len(s.objects) for s, a in zip(faint, answers)
-               for c in world.parse(a) if isinstance(c, world.Count))
-    assert score(faint, answers)["count"] == 1.0 and score(faint, answers)["coverage"] < 0.8
-    assert all(correct(s, a) is not None and score([s], [correct(s, a)])["coverage"] == 1.0
-               for s, a in zip(faint, answers))
     # without noise, descriptions and short answers are all true
-    clean = world.sft_examples(train, rng, p_noise=0.0, p_cooc=0.0, p_omit=0.0, p_qa=0.5)
+    clean = world.sft_examples(train, rng, p_noise=0.0, p_cooc=0.0, p_qa=0.5)
     assert {q in world.DESCRIBE_PROMPTS for _, q, _ in clean} == {True, False}
     assert all(v.ok for i, _, a in clean for v in check(train[i], a))
-    # the default noise: about half of the descriptions, with every type of hallucination
+    # the default noise: 40% of the descriptions, with every type of hallucination
     noisy = [(train[i], a) for i, q, a in world.sft_examples(train, rng)
              if q in world.DESCRIBE_PROMPTS]
     got = score(*zip(*noisy))
-    assert 0.45 < got["response_rate"] < 0.6
+    assert 0.3 < got["response_rate"] < 0.5
     assert min(got[t] for t in ("object", "attribute", "count", "relation")) > 0.03
 
 
@@ -239,8 +219,8 @@ def test_corrections_are_what_ddpo_weights():
                 "blue square in the center. The blue square is to the left of the red circle.")
     chosen = correct(SCENE, rejected)
     assert chosen == ("I can see three shapes. A small red circle is in the top left. There is a "
-                      "large blue square in the center. There is a small yellow cross in the bottom "
-                      "right. The blue square is to the right of the red circle.")
+                      "large blue square in the center. The blue square is to the right of the "
+                      "red circle.")
     c, r = sp.encode(chosen), sp.encode(rejected)
     chosen_w, rejected_w = ddpo.token_weights(c, r, gamma=5.0)
 
