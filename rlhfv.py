@@ -6,10 +6,10 @@
     python -m pytest tests/test_rlhfv.py
 
 world + tokenizer -> the tower learns to see (BEiT-3's pre-training, in miniature) -> SFT on noisy
-captions (the reference model) -> its answers on new scenes, corrected segment by segment -> DDPO
-(and the ablation arms) -> evaluation on held-out scenes -> report.py: table, results.json,
-report.png, report.html. The training stages are calls of train.train, which train.py hands to
-`run`, and of sample.generate.
+captions -> --rounds times: the latest model's answers on new scenes, corrected segment by segment
+-> DDPO from it, it the reference (and the ablation arms alike) -> evaluation on held-out scenes ->
+report.py: table, results.json, report.png, report.html. The training stages are calls of
+train.train, which train.py hands to `run`, and of sample.generate.
 """
 import contextlib
 import itertools
@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import report
 import world
 from checkpoint import atomic_write
@@ -34,6 +35,8 @@ from sample import PRESETS, generate
 def run(cfg, train):
     """Every stage of the module docstring, each skipped when its output is already on disk.
     cfg: train.py's TrainConfig; train: train.py's training loop, called with one config a stage."""
+    if not 1 <= cfg.rounds <= cfg.steps:
+        raise cli.UsageError(f"--rounds={cfg.rounds}: must be at least 1 and at most --steps={cfg.steps}")
     out, wdir = cfg.out_dir, os.path.join(cfg.out_dir, "world")
     n_sft = cfg.n_train // 2  # the first half teaches (SFT), the second is described and corrected
     train_scenes, test_scenes = world.make_world(cfg.seed, cfg.n_train, cfg.n_test)
@@ -42,33 +45,51 @@ def run(cfg, train):
         with timed(out, "world"):
             build_world(cfg, wdir, train_scenes[:n_sft], train_scenes, test_scenes)
     tok = Tokenizer(tok_file)
-
-    def stage_config(name, **kw):  # every stage resumes where it stopped; the tower stays frozen
-        return replace(cfg, resume=True, out_dir=os.path.join(out, name), freeze_vision=True, **kw)
-
     vision_dir, sft_dir = os.path.join(out, "vision"), os.path.join(out, "sft")
     if not finished(vision_dir):
         with timed(out, "vision"):
             pretrain_vision(cfg, tok, train_scenes[:n_sft], train_scenes[n_sft:n_sft + 250], vision_dir)
     if not finished(sft_dir):
         with timed(out, "sft"):
-            train(stage_config("sft", stage="sft", data=os.path.join(wdir, "sft.jsonl"), tokenizer=tok_file,
+            train(stage_config(cfg, "sft", stage="sft", data=os.path.join(wdir, "sft.jsonl"), tokenizer=tok_file,
                                init=vision_dir, steps=cfg.sft_steps, lr=cfg.sft_lr, max_len=512))
-    pairs = os.path.join(out, "collect", "pairs.jsonl")
-    if not os.path.exists(pairs):
-        with timed(out, "collect"):
-            collect(cfg, tok, sft_dir, train_scenes[n_sft:], n_sft, pairs)
-    arms = {"ddpo" if cfg.gamma != 1 else "dpo": ("ddpo", pairs, cfg.gamma)}
+    arms = {"ddpo" if cfg.gamma != 1 else "dpo": ("ddpo", cfg.gamma)}
     if cfg.ablation:
-        arms.update(dpo=("ddpo", pairs, 1.0), sft_corrected=("sft", pairs[:-6] + "_sft.jsonl", cfg.gamma))
-    for name, (kind, data, gamma) in arms.items():
-        if not finished(os.path.join(out, name)):
-            with timed(out, name):
-                train(stage_config(name, stage=kind, data=data, init=sft_dir, gamma=gamma, max_len=512,
-                                   ref_cache=os.path.join(out, "collect", "ref_logps.safetensors")))
+        arms.update(dpo=("ddpo", 1.0), sft_corrected=("sft", cfg.gamma))
+    for name, (kind, gamma) in arms.items():
+        train_arm(cfg, tok, train, name, kind, gamma, sft_dir, train_scenes[n_sft:], n_sft)
     answers = {name: evaluate(cfg, tok, os.path.join(out, name), test_scenes) for name in ["sft", *arms]}
     report.write(cfg, test_scenes, answers)
     return test_scenes, answers
+
+
+def stage_config(cfg, name, **kw):
+    """A stage's training config: its own out dir, resumed where it stopped, the tower frozen."""
+    return replace(cfg, resume=True, out_dir=os.path.join(cfg.out_dir, name), freeze_vision=True, **kw)
+
+
+def train_arm(cfg, tok, train, name, kind, gamma, sft_dir, scenes, offset):
+    """cfg.rounds on-policy rounds of one arm (RLHF-V's loop of collecting and correcting answers,
+    run again on the improved model): each round's model describes `scenes`, its hallucinated answers
+    are corrected, and the next model trains cfg.steps // cfg.rounds steps on them from it, with it as
+    the reference. Round 1 starts from SFT, whose collection (<out_dir>/collect) the arms share;
+    round r > 1 collects into collect_<name>_round<r>; the last round's model is <out_dir>/<name>,
+    the earlier ones <name>_round<r>."""
+    model = sft_dir
+    for r in range(1, cfg.rounds + 1):
+        data_dir = os.path.join(cfg.out_dir, "collect" if r == 1 else f"collect_{name}_round{r}")
+        pairs = os.path.join(data_dir, "pairs.jsonl")
+        if not os.path.exists(pairs):
+            with timed(cfg.out_dir, os.path.basename(data_dir)):
+                collect(cfg, tok, model, scenes, offset, pairs)
+        stage = name if r == cfg.rounds else f"{name}_round{r}"
+        if not finished(os.path.join(cfg.out_dir, stage)):
+            with timed(cfg.out_dir, stage):
+                data = pairs if kind == "ddpo" else pairs[:-6] + "_sft.jsonl"  # the corrected answers
+                train(stage_config(cfg, stage, stage=kind, data=data, init=model, gamma=gamma,
+                                   steps=cfg.steps // cfg.rounds, max_len=512,
+                                   ref_cache=os.path.join(data_dir, "ref_logps.safetensors")))
+        model = os.path.join(cfg.out_dir, stage)
 
 
 def sweep(cfg, train):
@@ -212,18 +233,19 @@ def describe_all(model_dir, tok, image_paths, prompts, cfg, **decoding):
     return answers
 
 
-def collect(cfg, tok, sft_dir, scenes, offset, path):
-    """The SFT model describes new training scenes; the annotator corrects each answer that has a
-    hallucination (chosen = corrected, rejected = original); answers without one are dropped."""
+def collect(cfg, tok, model_dir, scenes, offset, path):
+    """A model (SFT, or an arm after a round) describes training scenes it never captioned; the
+    annotator corrects each answer that has a hallucination (chosen = corrected, rejected = original);
+    answers without one are dropped."""
     prompts = [world.DESCRIBE_PROMPTS[i % len(world.DESCRIBE_PROMPTS)] for i in range(len(scenes))]
     images = [f"images/train{offset + i}.png" for i in range(len(scenes))]
     wdir = os.path.join(cfg.out_dir, "world")
-    answers = describe_all(sft_dir, tok, [os.path.join(wdir, p) for p in images], prompts, cfg)
+    answers = describe_all(model_dir, tok, [os.path.join(wdir, p) for p in images], prompts, cfg)
     pairs = [{"image": f"../world/{images[i]}", "question": prompts[i], "chosen": fixed, "rejected": a}
              for i, a in enumerate(answers) if (fixed := world.correct(scenes[i], a)) is not None]
     print(f"collect: {len(pairs)} of {len(scenes)} answers had a hallucination and were corrected")
-    write_jsonl(path, pairs)
     write_jsonl(path[:-6] + "_sft.jsonl", [{**p, "answer": p["chosen"]} for p in pairs])
+    write_jsonl(path, pairs)  # last: its presence says the collection is complete
 
 
 def evaluate(cfg, tok, model_dir, scenes):
