@@ -8,6 +8,7 @@ from dataclasses import replace
 from html.parser import HTMLParser
 
 import pytest
+from safetensors import safe_open
 
 import ddpo
 import report
@@ -43,7 +44,7 @@ def test_each_query_learns_what_its_cell_holds_which_cell_and_which_object():
 
 def test_miniature_runs_every_stage_and_writes_every_artefact(toy):
     """world + tokenizer -> vision pre-training -> SFT -> collect + correct -> DDPO, vanilla DPO and SFT on
-    the corrected answers -> evaluation -> results.json, report.png and report.html; a second call finds
+    the corrected answers, twice (--rounds) -> evaluation -> results.json, report.png and report.html; a second call finds
     every stage finished and only rewrites the report."""
     out = os.path.dirname(toy.out_dir)
     for f in ("world/tokenizer.model", "world/sft.jsonl", "world/images/test11.png", "vision/config.json",
@@ -64,6 +65,16 @@ def test_miniature_runs_every_stage_and_writes_every_artefact(toy):
     with open(os.path.join(toy.out_dir, "timings.json")) as f:
         stages = set(json.load(f))
     assert {"world", "vision", "sft", "collect", "ddpo", "dpo", "sft_corrected", "evaluate sft"} <= stages
+    # two rounds (the default): each arm's second round collects from, starts from and is referenced
+    # to its own first-round model
+    for arm in ("ddpo", "dpo", "sft_corrected"):
+        assert {f"{arm}_round1", f"collect_{arm}_round2"} <= stages
+        assert os.path.exists(os.path.join(toy.out_dir, f"collect_{arm}_round2", "pairs.jsonl"))
+    for arm in ("ddpo", "dpo"):
+        with safe_open(os.path.join(toy.out_dir, f"collect_{arm}_round2", "ref_logps.safetensors"), "pt") as f:
+            assert f.metadata()["init"] == os.path.join(toy.out_dir, f"{arm}_round1")
+    with safe_open(os.path.join(toy.out_dir, "collect", "ref_logps.safetensors"), "pt") as f:
+        assert f.metadata()["init"] == os.path.join(toy.out_dir, "sft")
     stamp = os.stat(os.path.join(toy.out_dir, "ddpo", "model.safetensors")).st_mtime_ns
     rlhfv.run(toy, train.train)
     assert os.stat(os.path.join(toy.out_dir, "ddpo", "model.safetensors")).st_mtime_ns == stamp

@@ -275,6 +275,8 @@ def test_help_names_every_option_with_its_type_default_and_comment(program, cls,
     (["sample.py", "--ckpt=tests", "--image=x.png"], "sample.py: --image=x.png: no such file or directory"),
     (["sample.py", "--ckpt=tests"], "sample.py: --image is required"),
     (["train.py", "--lr=abc"], "train.py: --lr expects float, got 'abc'"),
+    (["train.py", "--rounds=0"], "train.py: --rounds=0: must be at least 1 and at most --steps=200"),
+    (["train.py", "--steps=2", "--rounds=3"], "train.py: --rounds=3: must be at least 1 and at most --steps=2"),
     (["bench.py", "--iters"], "bench.py: --iters expects int, got ''"),
 ])
 def test_command_line_mistakes_are_one_line_with_status_2(args, message, monkeypatch, capsys):
