@@ -620,65 +620,78 @@ def _footer(cfg, seeds=None):
 
 # ---------------------------------------------------------------------------------------- sweep
 
+# What the sweep reports: (rate of world.RATES, key of its values, key of its differences, title,
+# interval, whether higher is better)
+SWEEP_TABLES = (
+    ("response_rate", "rate", "diff", "Response-level hallucination rate",
+     "% of answers that mention an object, Wilson 95% interval", False),
+    ("coverage", "coverage", "coverage_diff", "Coverage",
+     "% of the scenes' objects described without error, bootstrap 95% interval", True))
+SWEEP_NOTE = ("paired differences in points, 95% paired bootstrap over held-out scenes; pooled: scenes "
+              "resampled within each seed")
+
+
 def sweep_summary(runs):
     """{seed: {model: world.outcomes}} -> {"seeds", "per_seed": {seed: row}, "pooled": row}, a row
-    being {"rate": {model: [rate, low, high]}, "diff": {"a - b": [difference, low, high]}}: the
-    response-level rate of each model (Wilson) and the paired differences of the first arm (DDPO)
-    against every other model; pooled over all scenes of all seeds, resampled within each seed."""
+    being {"rate": {model: [rate, low, high]}, "diff": {"a - b": [difference, low, high]},
+    "coverage": ..., "coverage_diff": ...}: the response-level rate of each model (Wilson), its
+    coverage (bootstrap), and the paired differences of the first arm (DDPO) against every other
+    model in each; pooled over all scenes of all seeds, resampled within each seed."""
     counts = {s: resample(len(next(iter(o.values()))), s) for s, o in runs.items()}
     models = [m for m in next(iter(runs.values())) if all(m in r for r in runs.values())]  # in every seed
     main = next((m for m in models if m != "sft"), None)
 
     def row(seeds):
         strata = {m: [(runs[s][m], counts[s]) for s in seeds] for m in models}
-        rate = {m: [world.rate([o for per, _ in strata[m] for o in per], "response_rate"),
-                    *rate_interval(strata[m], "response_rate")] for m in models}
-        diff = {f"{main} - {b}": paired(strata[main], strata[b], "response_rate")
-                for b in models if b != main}
-        return {"rate": rate, "diff": diff}
+        out = {}
+        for rate, values, diffs, *_ in SWEEP_TABLES:
+            out[values] = {m: [world.rate([o for per, _ in strata[m] for o in per], rate),
+                               *rate_interval(strata[m], rate)] for m in models}
+            out[diffs] = {f"{main} - {b}": paired(strata[main], strata[b], rate) for b in models if b != main}
+        return out
 
     return {"seeds": list(runs), "per_seed": {str(s): row([s]) for s in runs}, "pooled": row(list(runs))}
 
 
 def sweep_markdown(summary):
-    """The sweep summary as a markdown table (also what is printed)."""
-    first = summary["pooled"]
-    models, diffs = list(first["rate"]), list(first["diff"])
-    head = ["seed", *(_label(m) for m in models), *(" - ".join(map(_label, d.split(" - "))) for d in diffs)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    """The sweep summary as two markdown tables, rates and coverage (also what is printed)."""
+    first, out = summary["pooled"], []
     cell = lambda v, signed: (f"{100 * v[0]:+.1f} [{100 * v[1]:+.1f}, {100 * v[2]:+.1f}]" if signed
                               else f"{100 * v[0]:.1f}% [{100 * v[1]:.1f}, {100 * v[2]:.1f}]")
-    for name, row in [*summary["per_seed"].items(), ("pooled", first)]:
-        lines.append("| " + " | ".join([name, *(cell(row["rate"][m], False) for m in models),
-                                        *(cell(row["diff"][d], True) for d in diffs)]) + " |")
-    return ("Response-level hallucination rate (% of answers that mention an object, Wilson 95% interval) "
-            "and paired differences in points (95% paired bootstrap over held-out scenes; pooled: "
-            "scenes resampled within each seed).\n\n" + "\n".join(lines) + "\n")
+    for _, values, diffs, title, interval, _ in SWEEP_TABLES:
+        models, compared = list(first[values]), list(first[diffs])
+        head = ["seed", *(_label(m) for m in models), *(" - ".join(map(_label, d.split(" - "))) for d in compared)]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, row in [*summary["per_seed"].items(), ("pooled", first)]:
+            lines.append("| " + " | ".join([name, *(cell(row[values][m], False) for m in models),
+                                            *(cell(row[diffs][d], True) for d in compared)]) + " |")
+        out.append(f"{title} ({interval}) and {SWEEP_NOTE}.\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(out)
 
 
 def sweep_page(cfg, summary):
-    """The sweep's report.html: the rates and differences of every seed and pooled, as a table and as
-    intervals about zero, each seed linked to its own page."""
+    """The sweep's report.html: the rates, coverage and differences of every seed and pooled, as
+    tables and the rate differences as intervals about zero, each seed linked to its own page."""
     pooled_row, seeds = summary["pooled"], list(summary["per_seed"])
     rows = [*summary["per_seed"].items(), ("pooled", pooled_row)]
     name = lambda d: " \u2212 ".join(map(_label, d.split(" - ")))
-    head = "".join(f"<th>{_dot(m)}{_e(_label(m))}</th>" for m in pooled_row["rate"])
-    head += "".join(f"<th>{_e(name(d))}</th>" for d in pooled_row["diff"])
-    table = []
-    for seed, row in rows:
-        link = f'<a href="seed{seed}/report.html">seed {seed}</a>' if seed != "pooled" else "<b>pooled</b>"
-        table.append(f"<tr><td>{link}</td>"
-                     + "".join(f"<td>{_cell(v[0], v[1:])}</td>" for v in row["rate"].values())
-                     + "".join(f"<td>{_diff(d)}</td>" for d in row["diff"].values()) + "</tr>")
+    tables = []
+    for _, values, diffs, title, interval, higher in SWEEP_TABLES:
+        head = "".join(f"<th>{_dot(m)}{_e(_label(m))}</th>" for m in pooled_row[values])
+        head += "".join(f"<th>{_e(name(d))}</th>" for d in pooled_row[diffs])
+        body = []
+        for seed, row in rows:
+            link = f'<a href="seed{seed}/report.html">seed {seed}</a>' if seed != "pooled" else "<b>pooled</b>"
+            body.append(f"<tr><td>{link}</td>"
+                        + "".join(f"<td>{_cell(v[0], v[1:])}</td>" for v in row[values].values())
+                        + "".join(f"<td>{_diff(d, not higher)}</td>" for d in row[diffs].values()) + "</tr>")
+        tables.append(f"<h2>{_e(title)}</h2><table><tr><th>seed</th>{head}</tr>" + "".join(body)
+                      + f'</table><p class="small">{_e(interval)}; {_e(SWEEP_NOTE)}.</p>')
     forest = svg_forest([(f"{name(d)}, {'pooled' if seed == 'pooled' else 'seed ' + seed}", row["diff"][d])
                          for d in pooled_row["diff"] for seed, row in rows])
     title = f"RLHF-V in miniature, seeds {', '.join(seeds)}"
     return _shell(title, f"<h1>{_e(title)}</h1><p class=sub>each seed's own page is linked from its row</p>"
-                  f"<h2>Response-level hallucination rate</h2><table><tr><th>seed</th>{head}</tr>"
-                  + "".join(table) + '</table><p class="small">% of answers that mention an object and '
-                  "hallucinate, Wilson 95% interval; differences in points with their 95% paired bootstrap "
-                  "interval (pooled: all scenes of all seeds, resampled within each seed).</p>"
-                  + forest + _footer(cfg, ",".join(seeds)))
+                  + tables[0] + forest + tables[1] + _footer(cfg, ",".join(seeds)))
 
 
 def write_sweep(cfg, runs):

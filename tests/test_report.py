@@ -66,17 +66,21 @@ def test_bootstrap_is_fixed_by_the_seed():
 
 
 def test_pooled_over_two_seeds_resamples_within_each_seed():
-    """Seed 0: SFT hallucinates in both of its 2 scenes, DDPO in neither; seed 1: in none of 3
-    scenes, either. Pooled: SFT 2/5 against 0/5. Resampled within each seed, every resample keeps
-    2 scenes of seed 0 and 3 of seed 1, so the difference is -0.4 in all of them (resampling the 5
-    scenes together, it would range from -1 to 0)."""
-    h = lambda x: {"mentions": 1, "hallucinated": x}
+    """Seed 0: SFT hallucinates in both of its 2 scenes and describes half of each, DDPO neither and
+    all; seed 1: both models in none of 3 scenes, describing all. Pooled: SFT 2/5 against 0/5, and
+    coverage (0.5 + 0.5 + 1 + 1 + 1) / 5 = 0.8 against 1. Resampled within each seed, every resample
+    keeps 2 scenes of seed 0 and 3 of seed 1, so the differences are -0.4 and +0.2 in all of them
+    (resampling the 5 scenes together, the first would range from -1 to 0)."""
+    h = lambda x: {"mentions": 1, "hallucinated": x, "coverage": 1 - x / 2}
     runs = {0: {"sft": [h(1), h(1)], "ddpo": [h(0), h(0)]},
             1: {"sft": [h(0)] * 3, "ddpo": [h(0)] * 3}}
     s = report.sweep_summary(runs)
     assert s["per_seed"]["0"]["diff"] == {"ddpo - sft": [-1.0, -1.0, -1.0]}
     assert s["per_seed"]["1"]["diff"] == {"ddpo - sft": [0.0, 0.0, 0.0]}
     assert s["pooled"]["diff"]["ddpo - sft"] == pytest.approx([-0.4, -0.4, -0.4])
+    assert s["per_seed"]["0"]["coverage_diff"] == {"ddpo - sft": [0.5, 0.5, 0.5]}
+    assert s["pooled"]["coverage_diff"]["ddpo - sft"] == pytest.approx([0.2, 0.2, 0.2])
+    assert s["pooled"]["coverage"]["sft"] == pytest.approx([0.8, 0.8, 0.8])
     assert s["pooled"]["rate"]["sft"] == pytest.approx([0.4, *report.wilson(2, 5)])
     assert report.wilson(2, 5) == pytest.approx((0.1176208, 0.7692757), abs=1e-7)
 
@@ -92,9 +96,13 @@ def test_sweep_writes_its_table(tmp_path):
     report.write_sweep(cfg, runs)
     summary = json.loads((tmp_path / "sweep.json").read_text())
     assert summary["seeds"] == [0, 1] and list(summary["pooled"]["diff"]) == ["ddpo - sft"]
+    assert list(summary["pooled"]["coverage_diff"]) == ["ddpo - sft"]
     md = (tmp_path / "sweep.md").read_text().splitlines()
-    assert md[2].startswith("| seed | SFT | DDPO | DDPO - SFT |")
-    assert [line.split(" | ")[0] for line in md[4:]] == ["| 0", "| 1", "| pooled"]
+    assert md[0].startswith("Response-level hallucination rate") and md[8].startswith("Coverage")
+    for table in (md[2:7], md[10:15]):  # header, rule, seeds 0 and 1, pooled
+        assert table[0].startswith("| seed | SFT | DDPO | DDPO - SFT |")
+        assert [line.split(" | ")[0] for line in table[2:]] == ["| 0", "| 1", "| pooled"]
+    assert len(md) == 15
     page = (tmp_path / "report.html").read_text()
     assert 'href="seed0/report.html"' in page and "<script" not in page
 
