@@ -77,7 +77,7 @@ class TrainConfig:
     vision_lr: float = 1e-3  # the tower's own rate: at SFT's it learns to see less reliably
     sft_steps: int = 900
     sft_lr: float = 2e-3     # above the tower's rate: the fresh decoder learns to read the queries better
-    rounds: int = 2          # collect + correct + DDPO (steps // rounds each), each round from the last's model
+    rounds: int = 2          # collect, correct, DDPO (steps // rounds) from the latest model; paper: 1
     ablation: bool = False   # also run vanilla DPO (gamma 1) and SFT on the corrected answers
     seeds: str = ""          # "0,1,2": the miniature once per seed (<out_dir>/seed<S>) and a summary
     paper_decoding: bool = False  # evaluate every arm with RLHF-V's 3 beams, repetition penalty 1.1
