@@ -660,7 +660,7 @@ def sweep_markdown(summary):
                               else f"{100 * v[0]:.1f}% [{100 * v[1]:.1f}, {100 * v[2]:.1f}]")
     for _, values, diffs, title, interval, _ in SWEEP_TABLES:
         models, compared = list(first[values]), list(first[diffs])
-        head = ["seed", *(_label(m) for m in models), *(" - ".join(map(_label, d.split(" - "))) for d in compared)]
+        head = ["seed", *map(_label, models), *(" - ".join(map(_label, d.split(" - "))) for d in compared)]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, row in [*summary["per_seed"].items(), ("pooled", first)]:
             lines.append("| " + " | ".join([name, *(cell(row[values][m], False) for m in models),

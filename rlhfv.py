@@ -7,8 +7,8 @@
 
 world + tokenizer -> the tower learns to see (BEiT-3's pre-training, in miniature) -> SFT on noisy
 captions -> --rounds times: the latest model's answers on new scenes, corrected segment by segment
--> DDPO from it, it the reference (and the ablation arms alike) -> evaluation on held-out scenes ->
-report.py: table, results.json, report.png, report.html. The training stages are calls of
+-> DDPO from that model, with it as the reference (the ablation arms alike) -> evaluation on
+held-out scenes -> report.py: table, results.json, report.png, report.html. The training stages are calls of
 train.train, which train.py hands to `run`, and of sample.generate.
 """
 import contextlib
@@ -51,8 +51,9 @@ def run(cfg, train):
             pretrain_vision(cfg, tok, train_scenes[:n_sft], train_scenes[n_sft:n_sft + 250], vision_dir)
     if not finished(sft_dir):
         with timed(out, "sft"):
-            train(stage_config(cfg, "sft", stage="sft", data=os.path.join(wdir, "sft.jsonl"), tokenizer=tok_file,
-                               init=vision_dir, steps=cfg.sft_steps, lr=cfg.sft_lr, max_len=512))
+            train(stage_config(cfg, "sft", stage="sft", data=os.path.join(wdir, "sft.jsonl"),
+                               tokenizer=tok_file, init=vision_dir, steps=cfg.sft_steps, lr=cfg.sft_lr,
+                               max_len=512))
     arms = {"ddpo" if cfg.gamma != 1 else "dpo": ("ddpo", cfg.gamma)}
     if cfg.ablation:
         arms.update(dpo=("ddpo", 1.0), sft_corrected=("sft", cfg.gamma))
@@ -78,14 +79,13 @@ def train_arm(cfg, tok, train, name, kind, gamma, sft_dir, scenes, offset):
     model = sft_dir
     for r in range(1, cfg.rounds + 1):
         data_dir = os.path.join(cfg.out_dir, "collect" if r == 1 else f"collect_{name}_round{r}")
-        pairs = os.path.join(data_dir, "pairs.jsonl")
-        if not os.path.exists(pairs):
+        if not os.path.exists(os.path.join(data_dir, "pairs.jsonl")):
             with timed(cfg.out_dir, os.path.basename(data_dir)):
-                collect(cfg, tok, model, scenes, offset, pairs)
+                collect(cfg, tok, model, scenes, offset, data_dir)
         stage = name if r == cfg.rounds else f"{name}_round{r}"
         if not finished(os.path.join(cfg.out_dir, stage)):
             with timed(cfg.out_dir, stage):
-                data = pairs if kind == "ddpo" else pairs[:-6] + "_sft.jsonl"  # the corrected answers
+                data = os.path.join(data_dir, "pairs.jsonl" if kind == "ddpo" else "pairs_sft.jsonl")
                 train(stage_config(cfg, stage, stage=kind, data=data, init=model, gamma=gamma,
                                    steps=cfg.steps // cfg.rounds, max_len=512,
                                    ref_cache=os.path.join(data_dir, "ref_logps.safetensors")))
@@ -233,10 +233,11 @@ def describe_all(model_dir, tok, image_paths, prompts, cfg, **decoding):
     return answers
 
 
-def collect(cfg, tok, model_dir, scenes, offset, path):
+def collect(cfg, tok, model_dir, scenes, offset, data_dir):
     """A model (SFT, or an arm after a round) describes training scenes it never captioned; the
     annotator corrects each answer that has a hallucination (chosen = corrected, rejected = original);
-    answers without one are dropped."""
+    answers without one are dropped. -> <data_dir>/pairs.jsonl, and pairs_sft.jsonl (the corrected
+    answers as SFT rows) for the ablation."""
     prompts = [world.DESCRIBE_PROMPTS[i % len(world.DESCRIBE_PROMPTS)] for i in range(len(scenes))]
     images = [f"images/train{offset + i}.png" for i in range(len(scenes))]
     wdir = os.path.join(cfg.out_dir, "world")
@@ -244,8 +245,8 @@ def collect(cfg, tok, model_dir, scenes, offset, path):
     pairs = [{"image": f"../world/{images[i]}", "question": prompts[i], "chosen": fixed, "rejected": a}
              for i, a in enumerate(answers) if (fixed := world.correct(scenes[i], a)) is not None]
     print(f"collect: {len(pairs)} of {len(scenes)} answers had a hallucination and were corrected")
-    write_jsonl(path[:-6] + "_sft.jsonl", [{**p, "answer": p["chosen"]} for p in pairs])
-    write_jsonl(path, pairs)  # last: its presence says the collection is complete
+    write_jsonl(os.path.join(data_dir, "pairs_sft.jsonl"), [{**p, "answer": p["chosen"]} for p in pairs])
+    write_jsonl(os.path.join(data_dir, "pairs.jsonl"), pairs)  # last: it marks the collection complete
 
 
 def evaluate(cfg, tok, model_dir, scenes):

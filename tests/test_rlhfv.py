@@ -44,8 +44,8 @@ def test_each_query_learns_what_its_cell_holds_which_cell_and_which_object():
 
 def test_miniature_runs_every_stage_and_writes_every_artefact(toy):
     """world + tokenizer -> vision pre-training -> SFT -> collect + correct -> DDPO, vanilla DPO and SFT on
-    the corrected answers, twice (--rounds) -> evaluation -> results.json, report.png and report.html; a second call finds
-    every stage finished and only rewrites the report."""
+    the corrected answers, twice (--rounds) -> evaluation -> results.json, report.png and report.html;
+    a second call finds every stage finished and only rewrites the report."""
     out = os.path.dirname(toy.out_dir)
     for f in ("world/tokenizer.model", "world/sft.jsonl", "world/images/test11.png", "vision/config.json",
               "sft/config.json",
