@@ -17,7 +17,7 @@ compilation), perf_counter after torch.cuda.synchronize. Weights are random, mad
   ref     the same forward under no_grad, to per-token log-probs, as train.reference_logps runs it.
   decode  sample.generate's prefill, then greedy sample.decode_step at batch 1 and 8 (bf16 weights on
           CUDA). tok/s = batch x (N - 1) / (time of N tokens - time of 1): the prefill drops out.
-          beam3@1: one prompt, 3 beams (sample.decode, no stop token): answer tokens per second.
+          beam3@1: one prompt, 3 beams (sample.generate_ids, no stop token): answer tokens per second.
           GB/s = the bytes a step reads (the weights but the embedding, the whole static KV cache) x steps/s.
 --compare: transformers loads the weights our LLaMA saved with save_pretrained (checked on the logits),
 runs the same step and reference pass, and decodes with generate() and its static cache. For the
@@ -121,11 +121,11 @@ def decode_bytes(c, batch, max_len, elem):
 def generate(model, ids, images, n, step, beams=1, compile=False):
     """sample.generate without the tokenizer and its stop tokens (so every run decodes n tokens):
     prefill into a fresh cache, then n - 1 greedy decode steps. Returns the last tokens [B].
-    beams > 1: sample.decode's beam search instead (it compiles its own step)."""
+    beams > 1: sample.generate_ids's beam search instead (it compiles its own step)."""
     if beams > 1:
         feats = None if images is None else model.encode_images(images)
         never = torch.zeros(model.llm_config.vocab_size, dtype=torch.bool, device=ids.device)
-        return sample.decode(model, ids.tolist(), never, feats, n, num_beams=beams, compile=compile)
+        return sample.generate_ids(model, ids.tolist(), never, feats, n, num_beams=beams, compile=compile)
     B, P = ids.shape
     model.setup_cache(B, P + n)
     try:
@@ -141,9 +141,9 @@ def generate(model, ids, images, n, step, beams=1, compile=False):
     return token
 
 
-def bench_model(label, model, forward, decode, set_ckpt, flops, c, vision, cfg):
+def bench_model(label, model, forward, generate_n, set_ckpt, flops, c, vision, cfg):
     """The table rows of one model. forward(ids, images, image_index) -> logits serves the step and
-    the reference pass; decode(ids, images, n, beams) generates n tokens; set_ckpt(bool) toggles activation
+    the reference pass; generate_n(ids, images, n, beams) generates n tokens; set_ckpt(bool) toggles activation
     checkpointing. The model is left in bf16 on CUDA."""
     cuda, tcfg, peak = cfg.device.startswith("cuda"), TrainConfig(stage="ddpo"), peak_flops(cfg.device)
     batch, tokens = ddpo_batch(c, vision, cfg.rows, cfg.seq, cfg.device), cfg.rows * cfg.seq
@@ -186,13 +186,13 @@ def bench_model(label, model, forward, decode, set_ckpt, flops, c, vision, cfg):
     for b in (1, 8):
         ids, images = inputs(c, vision, b, cfg.prompt, b, g)
         ids, images = ids.to(cfg.device), images if images is None else images.to(cfg.device, dtype)
-        prefill = lambda: decode(ids, images, 1)  # noqa: E731
-        steps_per_s = (n - 1) / median_time(lambda: decode(ids, images, n), cfg, minus=prefill)
+        prefill = lambda: generate_n(ids, images, 1)  # noqa: E731
+        steps_per_s = (n - 1) / median_time(lambda: generate_n(ids, images, n), cfg, minus=prefill)
         res[f"dec@{b} tok/s"] = b * steps_per_s
         res[f"dec@{b} GB/s"] = decode_bytes(c.llm, b, cfg.prompt + n, dtype.itemsize) * steps_per_s / 1e9
     ids, images = ids[:1], images if images is None else images[:1]
-    t1 = median_time(lambda: decode(ids, images, 1, 3), cfg)
-    res["beam3@1 tok/s"] = (n - 1) / (median_time(lambda: decode(ids, images, n, 3), cfg) - t1)
+    t1 = median_time(lambda: generate_n(ids, images, 1, 3), cfg)
+    res["beam3@1 tok/s"] = (n - 1) / (median_time(lambda: generate_n(ids, images, n, 3), cfg) - t1)
     return rows
 
 
@@ -205,9 +205,9 @@ def ours(label, model, c, vision, cfg):
     else:
         forward = lambda ids, images, index: model(ids)
     flops = train_flops(model, cfg.rows * cfg.seq, cfg.rows // 2 if vision else 0)
-    decode = lambda ids, images, n, beams=1: generate(model, ids, images, n, step, beams, cfg.compile)
+    generate_n = lambda ids, images, n, beams=1: generate(model, ids, images, n, step, beams, cfg.compile)
     set_ckpt = lambda on: setattr(model, "grad_checkpointing", on)
-    return bench_model(label, model, forward, decode, set_ckpt, flops, c, vision, cfg), flops
+    return bench_model(label, model, forward, generate_n, set_ckpt, flops, c, vision, cfg), flops
 
 
 def theirs(label, path, probe, flops, c, cfg):
@@ -223,7 +223,7 @@ def theirs(label, path, probe, flops, c, cfg):
     forward = lambda ids, images, index: hf(input_ids=ids, use_cache=False).logits  # no cache in training
     # generate() compiles its decode step on CUDA by itself; only with --compile here, as ours
     # beams: min_new_tokens keeps an EOS (not a stop token of ours) from ending the search early
-    decode = lambda ids, images, n, beams=1: hf.generate(
+    generate_n = lambda ids, images, n, beams=1: hf.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, num_beams=beams,
         min_new_tokens=n if beams > 1 else None, cache_implementation="static", disable_compile=not cfg.compile,
         pad_token_id=0)
@@ -232,7 +232,7 @@ def theirs(label, path, probe, flops, c, cfg):
                if hasattr(hf, "activation_checkpointing_enable") else
                (hf.gradient_checkpointing_enable, hf.gradient_checkpointing_disable))
     set_ckpt = lambda ckpt: on({"use_reentrant": False}) if ckpt else off()  # non-reentrant, as ours
-    return bench_model(label, hf, forward, decode, set_ckpt, flops, c, False, cfg)
+    return bench_model(label, hf, forward, generate_n, set_ckpt, flops, c, False, cfg)
 
 
 def run_shape(cfg, compared):

@@ -320,7 +320,7 @@ class Batcher:
             skipped[reason] = skipped.get(reason, 0) + 1
         return prompt
 
-    def _pack(self, rows, images, image_index, skipped, ids):
+    def _pack(self, rows, images, image_index, skipped, sample_ids):
         """rows: (prompt, answer, weights) -> padded tensors; weights align with logp [T-1]."""
         T = -(-max(len(p) + len(a) for p, a, _ in rows) // 8) * 8
         input_ids = torch.full((len(rows), T), self.tok.pad_id)
@@ -333,7 +333,7 @@ class Batcher:
             weights[j, len(p) - 1:n - 1] = w
         return {"input_ids": input_ids, "labels": labels, "weights": weights,
                 "images": torch.stack(images) if images else None,
-                "image_index": torch.tensor(image_index), "skipped": skipped, "ids": ids}
+                "image_index": torch.tensor(image_index), "skipped": skipped, "sample_ids": sample_ids}
 
     def _image(self, item, images):
         """Appends the item's image tensor to images -> its index there; -1 for a text-only item."""
@@ -343,18 +343,18 @@ class Batcher:
         return len(images) - 1
 
     def sft(self, items):
-        rows, images, index, skipped, ids = [], [], [], {}, []
+        rows, images, index, skipped, sample_ids = [], [], [], {}, []
         for it in items:
             prompt = self._prompt(it, ("question", "answer"), skipped)
             if prompt is not None:
                 a = answer_ids(self.tok, it["answer"])[:self.max_len - len(prompt)]
                 rows.append((prompt, a, torch.ones(len(a))))
                 index.append(self._image(it, images))
-                ids.append(it["id"])
-        return self._pack(rows, images, index, skipped, ids) if rows else {"skipped": skipped}
+                sample_ids.append(it["id"])
+        return self._pack(rows, images, index, skipped, sample_ids) if rows else {"skipped": skipped}
 
     def pairs(self, items):
-        chosen, rejected, images, index, skipped, ids = [], [], [], [], {}, []
+        chosen, rejected, images, index, skipped, sample_ids = [], [], [], [], {}, []
         for it in items:
             prompt = self._prompt(it, ("question", "chosen", "rejected"), skipped)
             if prompt is None:
@@ -368,7 +368,7 @@ class Batcher:
             chosen.append((prompt, c[:room], wc[:room]))
             rejected.append((prompt, r[:room], wr[:room]))
             index.append(self._image(it, images))
-            ids.append(it["id"])
+            sample_ids.append(it["id"])
         if not chosen:
             return {"skipped": skipped}
-        return self._pack(chosen + rejected, images, index * 2, skipped, ids)
+        return self._pack(chosen + rejected, images, index * 2, skipped, sample_ids)

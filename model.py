@@ -193,7 +193,9 @@ class Block(nn.Module):
 class LLaMA(nn.Module):
     def __init__(self, config: LLaMAConfig):
         super().__init__()
-        self.config = c = config
+        # config: the whole model's (a Muffin's is its MuffinConfig); llm_config: the decoder's
+        # LLaMAConfig, on both, so that code for any decoder reads one name
+        self.config = self.llm_config = c = config
         self.model = nn.Module()  # transformers' LlamaModel: the names of the checkpoint keys
         self.model.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.model.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
@@ -204,11 +206,6 @@ class LLaMA(nn.Module):
         self.grad_checkpointing = False  # recompute each block's activations in backward
 
     @property
-    def llm_config(self):
-        """The decoder's LLaMAConfig (a Muffin's own config holds it as .llm)."""
-        return self.config
-
-    @property
     def cache_len(self):
         """Slots of the KV cache set up by setup_cache; None without one."""
         cache = self.model.layers[0].self_attn.kv_cache
@@ -217,11 +214,11 @@ class LLaMA(nn.Module):
     def tie_weights(self):
         self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, idx, input_pos=None, mask=None):
-        """idx [B, T] token ids -> logits [B, T, vocab]."""
-        return self.lm_head(self.decode(self.model.embed_tokens(idx), input_pos, mask))
+    def forward(self, input_ids, input_pos=None, mask=None):
+        """input_ids [B, T] -> logits [B, T, vocab]."""
+        return self.lm_head(self.hidden_states(self.model.embed_tokens(input_ids), input_pos, mask))
 
-    def decode(self, x, input_pos=None, mask=None):
+    def hidden_states(self, x, input_pos=None, mask=None):
         """Input embeddings [B, T, d] -> final normalised hidden states [B, T, d].
         Without a KV cache: causal attention over x. With one (setup_cache): x sits at cache slots
         input_pos [T]; mask [T or B, 1, T, slots] (bool, True = attend) defaults to causal."""
@@ -311,7 +308,7 @@ class LLaMA(nn.Module):
 class Muffin(LLaMA):
     def __init__(self, config: MuffinConfig):
         super().__init__(config.llm)
-        self.config = config  # from here on the MuffinConfig; the decoder's is self.llm_config
+        self.config = config  # the MuffinConfig; self.llm_config stays the decoder's (config.llm)
         self.model.vision_tower = nn.Module()
         self.model.vision_tower.beit3 = BEiT3(config.vision)
         self.model.query = nn.Parameter(torch.zeros(config.n_query, config.vision.dim))
@@ -324,7 +321,7 @@ class Muffin(LLaMA):
         x = self.model.embed_tokens(input_ids)
         if images is not None:
             x = self.splice(input_ids, x, self.encode_images(images), image_index)
-        return self.lm_head(self.decode(x, input_pos, mask))
+        return self.lm_head(self.hidden_states(x, input_pos, mask))
 
     def encode_images(self, images):
         """images [B, 3, H, W] -> projected query features [B, n_query, d_llm]."""
@@ -387,10 +384,6 @@ class Muffin(LLaMA):
                                   patch_id)
         config.im_patch_source = source  # not a field, never saved: named by data.check_tokenizer
         return cls._build(config, sd, path, dtype)
-
-    @property
-    def llm_config(self):
-        return self.config.llm
 
     def config_dict(self):
         return {"model_type": "nanorlhfv-muffin", **asdict(self.config)}

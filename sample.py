@@ -129,7 +129,7 @@ def beam_search(logits, advance, reorder, seen, stop, n, num_beams, repetition_p
 
 
 @torch.no_grad()
-def decode(model, prompts, stop, feats=None, max_new_tokens=128, temperature=0.0, top_p=1.0,
+def generate_ids(model, prompts, stop, feats=None, max_new_tokens=128, temperature=0.0, top_p=1.0,
            repetition_penalty=1.0, num_beams=1, length_penalty=1.0, early_stopping=False,
            check_every=16, compile=False):
     """B prompts (lists of ids) -> B lists of new ids, each up to and including its first stop token.
@@ -148,7 +148,7 @@ def decode(model, prompts, stop, feats=None, max_new_tokens=128, temperature=0.0
         mask = (slots[None, :] <= t[:, None]) & ((slots[None, :] >= pad[:, None, None]) | (slots == t[:, None]))
         x = model.model.embed_tokens(ids)
         x = x if feats is None else model.splice(ids, x, feats)
-        logits = model.lm_head(model.decode(x, t, mask[:, None]))[:, -1].float()
+        logits = model.lm_head(model.hidden_states(x, t, mask[:, None]))[:, -1].float()
         step = forward_step if num_beams > 1 else decode_step
         step = torch.compile(step, mode="reduce-overhead", fullgraph=True) if compile else step
         pos = torch.tensor([P], device=device)
@@ -179,10 +179,10 @@ def decode(model, prompts, stop, feats=None, max_new_tokens=128, temperature=0.0
 @torch.no_grad()
 def generate(model, tok, images, questions, max_new_tokens=128, **options):
     """images [B, 3, H, W] (one per question), questions: list of B strings -> B answers (text
-    before the first "###", stripped), in the training template. options: those of decode
+    before the first "###", stripped), in the training template. options: those of generate_ids
     (temperature, top_p, repetition_penalty, num_beams, length_penalty, early_stopping, ...)."""
     prompts = [prompt_ids(tok, q, model.config.n_query) for q in questions]
-    rows = decode(model, prompts, stop_tokens(tok, images.device), model.encode_images(images),
+    rows = generate_ids(model, prompts, stop_tokens(tok, images.device), model.encode_images(images),
                   max_new_tokens, **options)
     return [answer_text(tok, r) for r in rows]
 
@@ -232,7 +232,7 @@ def main(argv):
         # as Muffin's multi-turn chat: RLHF-V's evaluation prompt opens, the training template goes on
         ids = (eval_prompt_ids(tok, question, n_query) if cfg.preset == "rlhfv" and not history
                else prompt_ids(tok, question, n_query, history))
-        answer = answer_text(tok, decode(model, [ids], stop, feats, **options)[0], cfg.preset == "rlhfv")
+        answer = answer_text(tok, generate_ids(model, [ids], stop, feats, **options)[0], cfg.preset == "rlhfv")
         print(answer, flush=True)
         history.append((question, answer))
 

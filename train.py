@@ -29,7 +29,6 @@ from torch.nn.parallel import DistributedDataParallel
 import cli
 import ddpo
 import parallel
-import rlhfv
 from checkpoint import atomic_write
 from data import TOKEN_FILES, Batcher, Records, Tokenizer, check_tokenizer
 from model import Muffin, autocast, peak_flops, sized, train_flops
@@ -117,13 +116,14 @@ def forward_loss(model, batch, cfg):
         nll = -logp.sum() / mask.sum()
         return nll, {"loss": nll.detach()}
     B = len(logp) // 2  # chosen rows, then rejected rows
-    pi = ddpo.weighted_scores(logp, mask, batch["weights"], cfg.average)
-    ref = ddpo.weighted_scores(batch["ref_logps"], mask, batch["weights"], cfg.average)
-    losses, r_w, r_l = ddpo.ddpo_loss(pi[:B], pi[B:], ref[:B], ref[B:], cfg.beta)
+    policy_scores = ddpo.weighted_scores(logp, mask, batch["weights"], cfg.average)
+    ref_scores = ddpo.weighted_scores(batch["ref_logps"], mask, batch["weights"], cfg.average)
+    losses, r_w, r_l = ddpo.ddpo_loss(policy_scores[:B], policy_scores[B:], ref_scores[:B], ref_scores[B:], cfg.beta)
     loss = losses.mean()
     if cfg.sft_weight:  # a per-token NLL anchor on the chosen answers, whatever the score mode
         loss = loss - cfg.sft_weight * logp[:B].sum() / mask[:B].sum()
-    return loss, {"loss": loss.detach(), **ddpo.ddpo_metrics(r_w, r_l, pi[:B], pi[B:], ref[:B], ref[B:])}
+    return loss, {"loss": loss.detach(), **ddpo.ddpo_metrics(r_w, r_l, policy_scores[:B], policy_scores[B:],
+                                                                ref_scores[:B], ref_scores[B:])}
 
 
 class RefCache:
@@ -138,8 +138,8 @@ class RefCache:
         """The reference log-probs of a pairs batch, [2B, T-1] like the policy's token_logps: row j's
         cached tokens go where its labels are (chosen rows, then rejected rows)."""
         mask = batch["labels"][:, 1:] != ddpo.IGNORE_INDEX
-        out, B = torch.zeros(mask.shape), len(batch["ids"])
-        for j, sid in enumerate(batch["ids"]):
+        out, B = torch.zeros(mask.shape), len(batch["sample_ids"])
+        for j, sid in enumerate(batch["sample_ids"]):
             c, r = self.tensors.get(f"{sid}/chosen"), self.tensors.get(f"{sid}/rejected")
             if c is None or r is None:
                 raise ValueError(f"{self.path}: no reference log-probs for sample {sid}: the data changed "
@@ -174,8 +174,8 @@ def reference_logps(model, records, batcher, cfg, rank=0, world=1):
         with autocast(cfg.device):
             logp, mask = ddpo.token_logps(model(batch["input_ids"], images=batch["images"],
                                                 image_index=batch["image_index"]), batch["labels"])
-        logp, mask, B = logp.cpu(), mask.cpu(), len(batch["ids"])
-        for j, sid in enumerate(batch["ids"]):
+        logp, mask, B = logp.cpu(), mask.cpu(), len(batch["sample_ids"])
+        for j, sid in enumerate(batch["sample_ids"]):
             out[f"{sid}/chosen"], out[f"{sid}/rejected"] = logp[j][mask[j]], logp[B + j][mask[B + j]]
     out = {k: v for part in parallel.gather(out, world) for k, v in part.items()}
     if rank == 0:
@@ -238,7 +238,7 @@ def train(cfg):
     records = Records(cfg.data)
     batcher = Batcher(tok, model.config.n_query, model.config.vision.img_size, cfg.max_len, cfg.gamma,
                       cfg.min_match)
-    ref = reference_logps(model, records, batcher, cfg, rank, world) if cfg.stage == "ddpo" else None
+    ref_cache = reference_logps(model, records, batcher, cfg, rank, world) if cfg.stage == "ddpo" else None
     if sharded:
         model.reshard()  # FSDP2 leaves the root's gathered weights registered after a forward
     params = [p for p in model.parameters() if p.requires_grad]
@@ -262,8 +262,8 @@ def train(cfg):
                 if world > 1:  # the ranks would fall out of step
                     raise RuntimeError(f"rank {rank}, step {step + 1}: every row of a micro-batch was skipped")
                 continue
-            if ref is not None:
-                batch["ref_logps"] = ref.logps(batch)
+            if ref_cache is not None:
+                batch["ref_logps"] = ref_cache.logps(batch)
             batch = to_device(batch, cfg.device)
             # DDP all-reduces gradients during backward; before the last micro-step that traffic
             # would be wasted (the sum is not finished), so no_sync() lets them accumulate locally
@@ -396,6 +396,7 @@ def save_checkpoint(model, opt, step, cfg, tok_file):
 def main(argv):
     cfg = cli.parse_args(TrainConfig, argv, paths=("data", "init", "tokenizer"))
     if cfg.stage == "rlhfv":
+        from miniature import rlhfv  # the one place the library reaches into the demonstration
         (rlhfv.sweep if cfg.seeds else rlhfv.run)(cfg, train)
     elif cfg.stage in ("sft", "ddpo"):
         if not cfg.data or (cfg.stage == "ddpo" and not cfg.init):

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
-import world  # noqa: E402
+from miniature import world  # noqa: E402
 from data import SYSTEM, train_tokenizer  # noqa: E402
 from model import Muffin, sized  # noqa: E402
 

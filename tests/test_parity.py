@@ -139,7 +139,7 @@ BEAM_CASES = {  # name: (init std, seed, early_stopping); seeds on which every r
 @pytest.mark.parametrize("case", BEAM_CASES)
 @torch.no_grad()
 def test_beam_search_matches_transformers(tmp_path, case):
-    """sample.decode with 3 beams and repetition penalty 1.1, on a batch of two prompts, returns the
+    """sample.generate_ids with 3 beams and repetition penalty 1.1, on a batch of two prompts, returns the
     ids that transformers' generate(num_beams=3, repetition_penalty=1.1, length_penalty=1.0) returns
     from the same weights (ours saved, theirs loaded), each cut after its first stop token. The stop
     tokens are the greedy answers' 5th and 8th tokens (transformers: eos_token_id), so that
@@ -151,11 +151,11 @@ def test_beam_search_matches_transformers(tmp_path, case):
     ours.save_pretrained(tmp_path)
     ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(seed))
-    greedy = sample.decode(ours, ids.tolist(), torch.zeros(256, dtype=torch.bool), max_new_tokens=20)
+    greedy = sample.generate_ids(ours, ids.tolist(), torch.zeros(256, dtype=torch.bool), max_new_tokens=20)
     stops = sorted({greedy[0][4], greedy[1][7]})
     stop = torch.zeros(256, dtype=torch.bool)
     stop[stops] = True
-    got = sample.decode(ours, ids.tolist(), stop, max_new_tokens=20, num_beams=3, repetition_penalty=1.1,
+    got = sample.generate_ids(ours, ids.tolist(), stop, max_new_tokens=20, num_beams=3, repetition_penalty=1.1,
                         early_stopping=early_stopping)
     out = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=3,
                        repetition_penalty=1.1, length_penalty=1.0, early_stopping=early_stopping,

@@ -9,8 +9,9 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-import report
-import world
+import stats
+from miniature import report
+from miniature import world
 
 
 def test_wilson_by_hand():
@@ -19,9 +20,9 @@ def test_wilson_by_hand():
     half = z / (1 + z^2/n) * sqrt(p(1-p)/n + z^2/4n^2) = 1.8874445 * 0.0411826 = 0.0777311,
     so [0.1333669, 0.2888292]. 0 of 10: the lower end is 0 and the upper z^2 / (n + z^2)
     = 3.8414589 / 13.8414589 = 0.2775328. Nothing measured: [0, 1]."""
-    assert report.wilson(20, 100) == pytest.approx((0.1333669, 0.2888292), abs=1e-7)
-    assert report.wilson(0, 10) == pytest.approx((0.0, 0.2775328), abs=1e-7)
-    assert report.wilson(0, 0) == (0.0, 1.0)
+    assert stats.wilson(20, 100) == pytest.approx((0.1333669, 0.2888292), abs=1e-7)
+    assert stats.wilson(0, 10) == pytest.approx((0.0, 0.2775328), abs=1e-7)
+    assert stats.wilson(0, 0) == (0.0, 1.0)
 
 
 def some_outcomes(seed, n=60):
@@ -49,7 +50,7 @@ def test_results_keep_the_scores_and_add_intervals():
         for r, (lo, hi) in results[m]["ci"].items():
             assert lo <= results[m][r] <= hi, (m, r)
     k, n = sum(o["hallucinated"] for o in bad), sum(o["mentions"] for o in bad)
-    assert results["sft"]["ci"]["response_rate"] == list(report.wilson(k, n))
+    assert results["sft"]["ci"]["response_rate"] == list(stats.wilson(k, n))
     diff, lo, hi = results["ddpo"]["vs"]["sft"]["response_rate"]
     assert diff == -k / n and lo <= diff <= hi < 0  # true descriptions never hallucinate
 
@@ -81,8 +82,8 @@ def test_pooled_over_two_seeds_resamples_within_each_seed():
     assert s["per_seed"]["0"]["coverage_diff"] == {"ddpo - sft": [0.5, 0.5, 0.5]}
     assert s["pooled"]["coverage_diff"]["ddpo - sft"] == pytest.approx([0.2, 0.2, 0.2])
     assert s["pooled"]["coverage"]["sft"] == pytest.approx([0.8, 0.8, 0.8])
-    assert s["pooled"]["rate"]["sft"] == pytest.approx([0.4, *report.wilson(2, 5)])
-    assert report.wilson(2, 5) == pytest.approx((0.1176208, 0.7692757), abs=1e-7)
+    assert s["pooled"]["rate"]["sft"] == pytest.approx([0.4, *stats.wilson(2, 5)])
+    assert stats.wilson(2, 5) == pytest.approx((0.1176208, 0.7692757), abs=1e-7)
 
 
 def test_sweep_writes_its_table(tmp_path):

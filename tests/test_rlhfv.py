@@ -11,10 +11,10 @@ import pytest
 from safetensors import safe_open
 
 import ddpo
-import report
-import rlhfv
+from miniature import report
+from miniature import rlhfv
 import train
-import world
+from miniature import world
 from data import Tokenizer, answer_ids, prompt_ids
 
 

@@ -164,7 +164,7 @@ def test_empty_answers_are_skipped_and_counted(tok, dataset):
     b = Batcher(tok, 8, 32, max_len=512)
     batch = b.pairs([item, {**item, "chosen": ""}, {**item, "rejected": " \n"},
                      {k: v for k, v in item.items() if k != "rejected"}])
-    assert len(batch["ids"]) == 1 and batch["skipped"] == {"empty chosen": 1, "empty rejected": 2}
+    assert len(batch["sample_ids"]) == 1 and batch["skipped"] == {"empty chosen": 1, "empty rejected": 2}
     sft = {**item, "answer": item["chosen"]}
     assert b.sft([sft, {**sft, "answer": "  "}])["skipped"] == {"empty answer": 1}
 

@@ -91,7 +91,7 @@ def recompute(model, prompts, images):
 
 
 def cut(ids, stop):
-    """ids up to and including the first stop token, as sample.decode returns them."""
+    """ids up to and including the first stop token, as sample.generate_ids returns them."""
     return ids[:next((j + 1 for j, t in enumerate(ids) if stop[t]), len(ids))]
 
 
@@ -111,7 +111,7 @@ def test_batched_cached_beam_search_equals_recomputation(tok, dataset):
     answer of the same search recomputing every beam's whole sequence alone, without a cache."""
     model, images, prompts = tiny_setup(tok, dataset)
     stop = data.stop_tokens(tok, "cpu")
-    got = sample.decode(model, prompts, stop, model.encode_images(images), max_new_tokens=10, num_beams=3,
+    got = sample.generate_ids(model, prompts, stop, model.encode_images(images), max_new_tokens=10, num_beams=3,
                         repetition_penalty=1.1)
     seen = torch.zeros(3, tok.vocab_size, dtype=torch.bool)
     for row, p in zip(seen, prompts):
@@ -228,8 +228,8 @@ def test_bfloat16_decoding_agrees_with_float32_where_the_choice_is_clear(tok, da
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
     _, images, prompts = tiny_setup(tok, dataset)
     none = torch.zeros(tok.vocab_size, dtype=torch.bool)
-    want = sample.decode(fp32, prompts, none, fp32.encode_images(images), max_new_tokens=12)
-    got = sample.decode(bf16, prompts, none, bf16.encode_images(images.bfloat16()), max_new_tokens=12)
+    want = sample.generate_ids(fp32, prompts, none, fp32.encode_images(images), max_new_tokens=12)
+    got = sample.generate_ids(bf16, prompts, none, bf16.encode_images(images.bfloat16()), max_new_tokens=12)
     compared = 0
     for p, image, w, g in zip(prompts, images, want, got):
         ids = torch.tensor([p + w])
@@ -267,7 +267,7 @@ def test_interactive_answers_each_line_with_the_conversation_so_far(tok, dataset
     with torch.no_grad():
         for q, got in zip(["What colour is the square?", "How many?"], answers):
             ids = prompt_ids(tok, q, model.config.n_query, history)
-            new = sample.decode(model, [ids], data.stop_tokens(tok, "cpu"), model.encode_images(image), 6)[0]
+            new = sample.generate_ids(model, [ids], data.stop_tokens(tok, "cpu"), model.encode_images(image), 6)[0]
             assert got == data.answer_text(tok, new)
             history.append((q, got))
 
@@ -279,11 +279,11 @@ def test_rlhfv_preset_decodes_as_the_papers_evaluation(tok, dataset, init_ckpt, 
     "Assistant:" deleted from the answer. --dtype casts the weights and the image."""
     seen = []
 
-    def fake_decode(model, prompts, stop, feats, **options):
+    def fake_generate_ids(model, prompts, stop, feats, **options):
         seen.append((prompts, options, feats.dtype, {p.dtype for p in model.parameters()}))
         return [tok.encode(" Assistant: a red square\n###")]
 
-    monkeypatch.setattr(sample, "decode", fake_decode)
+    monkeypatch.setattr(sample, "generate_ids", fake_generate_ids)
     fake_stdin(monkeypatch, "Describe the image.\nAnd the colour?\n")
     sample.main([f"--ckpt={init_ckpt}", f"--image={dataset / 'images' / '0.png'}", "--interactive",
                  "--preset=rlhfv", "--repetition_penalty=1.2", "--dtype=bfloat16", "--device=cpu"])

@@ -10,8 +10,8 @@ import pytest
 import sentencepiece as spm
 
 import ddpo
-import world
-from world import Obj, Scene, check, correct, score
+from miniature import world
+from miniature.world import Obj, Scene, check, correct, score
 
 # o . .      o: small red circle in the top left
 # . O .      O: large blue square in the center

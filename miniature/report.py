@@ -36,12 +36,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import ddpo
-import world
-from data import Batcher, Records, Tokenizer
 from checkpoint import atomic_write
+from data import Batcher, Records, Tokenizer
+from miniature import world
+from stats import interval, paired_difference, ratio_draws, resample, significant, wilson
 
-DRAWS = 2000  # bootstrap resamples; a 95% interval runs from the 50th to the 1950th smallest
-Z = 1.959964  # the normal quantile of 97.5%
 WILSON = ("response_rate", *world.TYPES)  # proportions of answers; the others are bootstrapped
 PAIRED = ("response_rate", "mention_rate", "coverage")
 LABELS = {"sft": "SFT", "ddpo": "DDPO", "dpo": "vanilla DPO", "sft_corrected": "SFT on corrections"}
@@ -57,54 +56,20 @@ def _label(m):
 
 
 # ------------------------------------------------------------------------------------ statistics
-
-def wilson(k, n):
-    """Wilson's 95% interval of a proportion k/n ((0, 1) when n is 0: nothing was measured)."""
-    if n == 0:
-        return 0.0, 1.0
-    p, z2 = k / n, Z * Z / n
-    centre, half = (p + z2 / 2) / (1 + z2), Z / (1 + z2) * math.sqrt(p * (1 - p) / n + z2 / (4 * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def resample(n, seed, draws=DRAWS):
-    """[draws, n]: how many times each of n scenes is drawn in each of `draws` resamples of n
-    scenes with replacement, fixed by the seed (so a sum over a resample is a matrix product)."""
-    idx = torch.randint(n, (draws, n), generator=torch.Generator().manual_seed(seed))
-    ones = torch.ones(draws, n, dtype=torch.float64)
-    return torch.zeros(draws, n, dtype=torch.float64).scatter_add_(1, idx, ones)
-
-
-def rate_draws(strata, rate):
-    """A rate of world.RATES on every resample: strata is [(outcomes, resample counts)], one per
-    seed, the sums of the numerator and denominator pooled over them. -> [draws] float64."""
-    num, den = world.RATES[rate]
-    total = lambda key: sum(counts @ torch.tensor([o[key] if key else 1 for o in per], dtype=torch.float64)
-                            for per, counts in strata)
-    return total(num) / total(den).clamp_min(1)
-
-
-def interval(draws):
-    """The 2.5% and 97.5% percentiles of bootstrap draws."""
-    lo, hi = torch.quantile(draws, torch.tensor([0.025, 0.975], dtype=draws.dtype)).tolist()
-    return lo, hi
-
+# (the intervals themselves are stats.py's; here they are applied to world.RATES)
 
 def rate_interval(strata, rate):
     """95% interval of a rate: Wilson's for a proportion of answers, else the bootstrap's."""
+    num, den = world.RATES[rate]
     if rate in WILSON:
-        num, den = world.RATES[rate]
         per = [o for outcomes, _ in strata for o in outcomes]
         return wilson(sum(o[num] for o in per), sum(o[den] for o in per) if den else len(per))
-    return interval(rate_draws(strata, rate))
+    return interval(ratio_draws(strata, num, den))
 
 
 def paired(strata_a, strata_b, rate):
-    """[a - b, low, high]: the difference in a rate between two models that answered the same
-    scenes, and its paired-bootstrap 95% interval (strata_a and strata_b share their resamples)."""
-    diff = (world.rate([o for per, _ in strata_a for o in per], rate)
-            - world.rate([o for per, _ in strata_b for o in per], rate))
-    return [diff, *interval(rate_draws(strata_a, rate) - rate_draws(strata_b, rate))]
+    """[a - b, low, high] in a rate of world.RATES, on paired resamples (stats.paired_difference)."""
+    return paired_difference(strata_a, strata_b, *world.RATES[rate])
 
 
 def pairs(models):
@@ -123,11 +88,6 @@ def summarise(outcomes, seed):
     for a, b in pairs(list(outcomes)):
         out[a].setdefault("vs", {})[b] = {r: paired(strata[a], strata[b], r) for r in PAIRED}
     return out
-
-
-def significant(diff):
-    """Whether a [difference, low, high] interval leaves out zero."""
-    return diff[1] > 0 or diff[2] < 0
 
 
 # ------------------------------------------------------------------------------------- one run

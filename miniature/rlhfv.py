@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cli
-import report
-import world
+from miniature import report
+from miniature import world
 from checkpoint import atomic_write
 from data import SYSTEM, Tokenizer, image_tensor, load_image, train_tokenizer
 from model import Muffin, autocast, sized
@@ -222,7 +222,7 @@ def write_jsonl(path, rows):
 
 def describe_all(model_dir, tok, image_paths, prompts, cfg, **decoding):
     """Answers of a checkpoint, one per (image, prompt), in batches of 250: greedy, or with the
-    options of sample.decode in `decoding` (num_beams, repetition_penalty, ...)."""
+    options of sample.generate_ids in `decoding` (num_beams, repetition_penalty, ...)."""
     model = Muffin.from_pretrained(model_dir).to(cfg.device).eval()
     size, answers = model.config.vision.img_size, []
     for i in range(0, len(prompts), 250):
