@@ -57,6 +57,11 @@ def parse_args(cls, argv, paths=()):
     return cfg
 
 
+def given(argv):
+    """The option names given in argv (--key=value or --key), as a set."""
+    return {arg.removeprefix("--").partition("=")[0] for arg in argv}
+
+
 def help_text(cls):
     """The first paragraph of the program's docstring, its example commands, then one line per
     option: --name=type, default, and the comment beside the field (section comments as headings)."""

@@ -1,15 +1,17 @@
 """Text, images and preference data: everything between files on disk and a training batch.
 
+In reading order, the path of a batch first, then what feeds it:
+- The training template of RLHF-V (conv_v1_2): the image slots come right after "### Human: ";
+  its evaluation prompt, which puts them after the question; the answer ids, stop tokens and text.
+- Batcher: the collates. SFT rows, and DDPO batches of 2B rows (chosen rows, then rejected)
+  sharing B images, with the token weights of the corrected segments; which rows are skipped.
 - Tokenizer: SentencePiece plus the four tokens Muffin appends ([PAD], <im_patch>, <im_start>,
   <im_end>; ids 32000-32003 with LLaMA's tokenizer), with the BOS/EOS/pad a checkpoint's own files
   name (Tokenizer.from_pretrained), and `train_tokenizer` for our own world.
-- The training template of RLHF-V (conv_v1_2): the image slots come right after "### Human: ";
-  its evaluation prompt, which puts them after the question; the stop tokens and answer text.
 - Images: RGB, resized bicubic to a square, normalised with mean = std = 0.5 (Muffin's eval
   transform, used for both policy and reference: no random crops, which would make the reference
   log-probs disagree with training and flips, which would falsify left/right answers).
-- Datasets with random access: our JSONL, RLHF-V-Hall TSV (+ .lineidx), RLHF-V-Dataset parquet.
-- Collates: SFT rows, and DDPO batches of 2B rows (chosen rows, then rejected) sharing B images.
+- Records: datasets with random access: our JSONL, RLHF-V-Hall TSV (+ .lineidx), RLHF-V-Dataset parquet.
 
 Tests: python -m pytest tests/test_data.py
 """
@@ -33,6 +35,149 @@ SYSTEM = ("A chat between a curious human and an artificial intelligence assista
 STOP = "###"  # answers end with "\n###"; generation stops when it appears
 TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # name BOS/EOS/pad; the later wins
 
+# ----------------------------------------------------------------------------------------- template
+
+def prompt_ids(tok, question, n_query, history=()):
+    """BOS + the template up to "### Assistant:", with n_query image slots; n_query 0: a text-only
+    row, which has no image block at all (the original only expands an "<image>" placeholder, and
+    a text-only conversation has none). The answer is encoded on its own (see answer_ids), so the
+    boundary between prompt and labels is exact.
+    history: the earlier (question, answer) turns of a conversation about the same image, as
+    Muffin's multi-turn template writes them: "### Human: q\n### Assistant: a\n" each, the image
+    slots in the first human turn only; each answer is encoded as answer_ids encodes it in training."""
+    image = "<im_start>" + "<im_patch>" * n_query + "<im_end>\n" if n_query else ""
+    questions = [q for q, _ in history] + [question]
+    ids = tok.encode(f"{SYSTEM}\n\n### Human: {image}{questions[0].strip()}\n### Assistant:", bos=True)
+    for (_, answer), q in zip(history, questions[1:]):
+        ids += answer_ids(tok, answer) + tok.encode(f"Human: {q.strip()}\n### Assistant:")
+    return ids
+
+
+def eval_prompt_ids(tok, question, n_query):
+    """The prompt of RLHF-V's evaluation, which is not the training template: Muffin's default
+    conversation with sep "\\n###", so the image slots come after the question, "###Human" has no
+    space, and no "Assistant:" follows: the model writes it (answer_text drops it, as the
+    evaluation scripts did)."""
+    image = "<im_start>" + "<im_patch>" * n_query + "<im_end>"
+    return tok.encode(f"{SYSTEM}\n###Human: {question.strip()}\n{image}\n###", bos=True)
+
+
+def answer_ids(tok, answer):
+    """The labelled part: the answer and its terminator "\\n###" (RLHF-V appends no EOS)."""
+    return tok.encode(answer.strip() + "\n" + STOP)
+
+
+def stop_tokens(tok, device):
+    """[V] bool: the tokens that end an answer: EOS and every piece that holds "###"."""
+    stop = torch.zeros(tok.vocab_size, dtype=torch.bool, device=device)
+    stop[[i for i in range(tok.sp.get_piece_size()) if STOP in tok.sp.id_to_piece(i)] + [tok.eos_id]] = True
+    return stop
+
+
+def answer_text(tok, ids, eval_prompt=False):
+    """Generated ids -> the text before the first "###", stripped. After eval_prompt_ids the model
+    writes "Assistant:" itself; RLHF-V's evaluation scripts deleted it, and so does this."""
+    text = tok.decode(ids).split(STOP)[0]
+    return (text.replace("Assistant:", "") if eval_prompt else text).strip()
+
+# --------------------------------------------------------------------------------------- batches
+
+class Batcher:
+    """Collate functions for a DataLoader. Rows are BOS + prompt (with n_query image slots, none in
+    a text-only row) + answer + "\\n###"; labels only on the answer and its terminator. Text-only
+    rows batch with image rows: image_index[r] is -1 for a row without an image, and a batch with
+    no image at all has images None. An answer too long for max_len is cut from its end (the image
+    slots are never touched); a prompt too long on its own, an unreadable row, an empty field, or a
+    pair whose chosen equals its rejected (zero gradient) is skipped and counted in
+    batch["skipped"]. Padding to a multiple of 8 keeps tensor cores busy."""
+
+    def __init__(self, tok, n_query, image_size, max_len, gamma, min_match=3):
+        """gamma: the weight of corrected tokens (paper Eq. 5; TrainConfig.gamma), applied here, where
+        the pairs are diffed, and carried to the loss in batch["weights"]."""
+        self.tok, self.n_query, self.image_size, self.max_len = tok, n_query, image_size, max_len
+        self.gamma, self.min_match = gamma, min_match
+
+    @staticmethod
+    def skip_reason(item, keys):
+        """Why a row (of Records) cannot be trained on, or None. keys: the text fields the stage reads."""
+        if "error" in item:
+            return "unreadable row"
+        for k in keys:
+            if not str(item.get(k) or "").strip():
+                return f"empty {k}"
+        if "chosen" in keys and item["chosen"].strip() == item["rejected"].strip():
+            return "chosen == rejected"
+        return None
+
+    def _prompt(self, item, keys, skipped):
+        """The prompt ids of a usable item; None for an item to skip, its reason counted."""
+        reason, prompt = self.skip_reason(item, keys), None
+        if reason is None:
+            prompt = prompt_ids(self.tok, item["question"], 0 if item.get("image") is None else self.n_query)
+            if len(prompt) >= self.max_len:
+                reason, prompt = "prompt longer than max_len", None
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+        return prompt
+
+    def _pack(self, rows, images, image_index, skipped, sample_ids):
+        """rows: (prompt, answer, answer weights) -> padded tensors; weights [N, T-1] align with
+        ddpo.token_logps' logp, i.e. with the labels shifted by one."""
+        T = -(-max(len(p) + len(a) for p, a, _ in rows) // 8) * 8
+        input_ids = torch.full((len(rows), T), self.tok.pad_id)
+        labels = torch.full((len(rows), T), ddpo.IGNORE_INDEX)
+        weights = torch.zeros(len(rows), T - 1)
+        for j, (p, a, w) in enumerate(rows):
+            n = len(p) + len(a)
+            input_ids[j, :n] = torch.tensor(p + a)
+            labels[j, len(p):n] = torch.tensor(a)
+            # token_logps scores token t at position t - 1 (the logits before it), so the weight of
+            # answer token k (at len(p) + k) goes to len(p) - 1 + k, beside its log-prob
+            weights[j, len(p) - 1:n - 1] = w
+        return {"input_ids": input_ids, "labels": labels, "weights": weights,
+                "images": torch.stack(images) if images else None,
+                "image_index": torch.tensor(image_index), "skipped": skipped, "sample_ids": sample_ids}
+
+    def _image(self, item, images):
+        """Appends the item's image tensor to images -> its index there; -1 for a text-only item."""
+        if item.get("image") is None:
+            return -1
+        images.append(image_tensor(item["image"], self.image_size))
+        return len(images) - 1
+
+    def sft(self, items):
+        rows, images, index, skipped, sample_ids = [], [], [], {}, []
+        for it in items:
+            prompt = self._prompt(it, ("question", "answer"), skipped)
+            if prompt is not None:
+                a = answer_ids(self.tok, it["answer"])[:self.max_len - len(prompt)]
+                rows.append((prompt, a, torch.ones(len(a))))
+                index.append(self._image(it, images))
+                sample_ids.append(it["id"])
+        return self._pack(rows, images, index, skipped, sample_ids) if rows else {"skipped": skipped}
+
+    def pairs(self, items):
+        chosen, rejected, images, index, skipped, sample_ids = [], [], [], [], {}, []
+        for it in items:
+            prompt = self._prompt(it, ("question", "chosen", "rejected"), skipped)
+            if prompt is None:
+                continue
+            room = self.max_len - len(prompt)
+            c, r = answer_ids(self.tok, it["chosen"]), answer_ids(self.tok, it["rejected"])
+            # diffed with the prompt in front, as RLHF-V diffs whole conversations: an edit in the
+            # first tokens of an answer then sits after a long match, not after a dropped short one
+            wc, wr = (w[len(prompt):] for w in ddpo.token_weights(prompt + c, prompt + r, self.gamma,
+                                                                   self.min_match))
+            chosen.append((prompt, c[:room], wc[:room]))
+            rejected.append((prompt, r[:room], wr[:room]))
+            index.append(self._image(it, images))
+            sample_ids.append(it["id"])
+        if not chosen:
+            return {"skipped": skipped}
+        return self._pack(chosen + rejected, images, index * 2, skipped, sample_ids)
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
 
 class Tokenizer:
     def __init__(self, model_file, special_tokens=None):
@@ -118,51 +263,6 @@ def train_tokenizer(lines, model_file, vocab_size, symbols=()):
         user_defined_symbols=[STOP, *symbols])  # STOP one piece as in LLaMA: stopping is one id
     return Tokenizer(model_file)
 
-
-def prompt_ids(tok, question, n_query, history=()):
-    """BOS + the template up to "### Assistant:", with n_query image slots; n_query 0: a text-only
-    row, which has no image block at all (the original only expands an "<image>" placeholder, and
-    a text-only conversation has none). The answer is encoded on its own (see answer_ids), so the
-    boundary between prompt and labels is exact.
-    history: the earlier (question, answer) turns of a conversation about the same image, as
-    Muffin's multi-turn template writes them: "### Human: q\n### Assistant: a\n" each, the image
-    slots in the first human turn only; each answer is encoded as answer_ids encodes it in training."""
-    image = "<im_start>" + "<im_patch>" * n_query + "<im_end>\n" if n_query else ""
-    questions = [q for q, _ in history] + [question]
-    ids = tok.encode(f"{SYSTEM}\n\n### Human: {image}{questions[0].strip()}\n### Assistant:", bos=True)
-    for (_, answer), q in zip(history, questions[1:]):
-        ids += answer_ids(tok, answer) + tok.encode(f"Human: {q.strip()}\n### Assistant:")
-    return ids
-
-
-def eval_prompt_ids(tok, question, n_query):
-    """The prompt of RLHF-V's evaluation, which is not the training template: Muffin's default
-    conversation with sep "\\n###", so the image slots come after the question, "###Human" has no
-    space, and no "Assistant:" follows: the model writes it (answer_text drops it, as the
-    evaluation scripts did)."""
-    image = "<im_start>" + "<im_patch>" * n_query + "<im_end>"
-    return tok.encode(f"{SYSTEM}\n###Human: {question.strip()}\n{image}\n###", bos=True)
-
-
-def answer_ids(tok, answer):
-    """The labelled part: the answer and its terminator "\\n###" (RLHF-V appends no EOS)."""
-    return tok.encode(answer.strip() + "\n" + STOP)
-
-
-def stop_tokens(tok, device):
-    """[V] bool: the tokens that end an answer: EOS and every piece that holds "###"."""
-    stop = torch.zeros(tok.vocab_size, dtype=torch.bool, device=device)
-    stop[[i for i in range(tok.sp.get_piece_size()) if STOP in tok.sp.id_to_piece(i)] + [tok.eos_id]] = True
-    return stop
-
-
-def answer_text(tok, ids, eval_prompt=False):
-    """Generated ids -> the text before the first "###", stripped. After eval_prompt_ids the model
-    writes "Assistant:" itself; RLHF-V's evaluation scripts deleted it, and so does this."""
-    text = tok.decode(ids).split(STOP)[0]
-    return (text.replace("Assistant:", "") if eval_prompt else text).strip()
-
-
 # ---------------------------------------------------------------------------------------- images
 
 def load_image(src):
@@ -192,7 +292,6 @@ def image_tensor(img, size):
     img = img.resize((size, size), Image.BICUBIC)
     x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
     return x.permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
-
 
 # -------------------------------------------------------------------------------------- datasets
 
@@ -289,86 +388,3 @@ def content_id(image, texts):
     h = hashlib.sha1(image if isinstance(image, bytes) else image.encode())
     h.update(json.dumps(texts, sort_keys=True).encode())
     return h.hexdigest()[:20]
-
-
-# --------------------------------------------------------------------------------------- batches
-
-class Batcher:
-    """Collate functions for a DataLoader. Rows are BOS + prompt (with n_query image slots, none in
-    a text-only row) + answer + "\\n###"; labels only on the answer and its terminator. Text-only
-    rows batch with image rows: image_index[r] is -1 for a row without an image, and a batch with
-    no image at all has images None. An answer too long for max_len is cut from its end (the image
-    slots are never touched); a prompt too long on its own, an unreadable row, an empty field, or a
-    pair whose chosen equals its rejected (zero gradient) is skipped and counted in
-    batch["skipped"]. Padding to a multiple of 8 keeps tensor cores busy."""
-
-    def __init__(self, tok, n_query, image_size, max_len, gamma=1.0, min_match=3):
-        self.tok, self.n_query, self.image_size, self.max_len = tok, n_query, image_size, max_len
-        self.gamma, self.min_match = gamma, min_match
-
-    def _prompt(self, item, keys, skipped):
-        """The prompt ids of a usable item; None for an item to skip, its reason counted."""
-        reason = ("unreadable row" if "error" in item else
-                  next((f"empty {k}" for k in keys if not str(item.get(k) or "").strip()), None))
-        if reason is None and "chosen" in keys and item["chosen"].strip() == item["rejected"].strip():
-            reason = "chosen == rejected"
-        n_query = 0 if item.get("image") is None else self.n_query
-        prompt = None if reason else prompt_ids(self.tok, item["question"], n_query)
-        if prompt is not None and len(prompt) >= self.max_len:
-            reason, prompt = "prompt longer than max_len", None
-        if reason:
-            skipped[reason] = skipped.get(reason, 0) + 1
-        return prompt
-
-    def _pack(self, rows, images, image_index, skipped, sample_ids):
-        """rows: (prompt, answer, weights) -> padded tensors; weights align with logp [T-1]."""
-        T = -(-max(len(p) + len(a) for p, a, _ in rows) // 8) * 8
-        input_ids = torch.full((len(rows), T), self.tok.pad_id)
-        labels = torch.full((len(rows), T), ddpo.IGNORE_INDEX)
-        weights = torch.zeros(len(rows), T - 1)
-        for j, (p, a, w) in enumerate(rows):
-            n = len(p) + len(a)
-            input_ids[j, :n] = torch.tensor(p + a)
-            labels[j, len(p):n] = torch.tensor(a)
-            weights[j, len(p) - 1:n - 1] = w
-        return {"input_ids": input_ids, "labels": labels, "weights": weights,
-                "images": torch.stack(images) if images else None,
-                "image_index": torch.tensor(image_index), "skipped": skipped, "sample_ids": sample_ids}
-
-    def _image(self, item, images):
-        """Appends the item's image tensor to images -> its index there; -1 for a text-only item."""
-        if item.get("image") is None:
-            return -1
-        images.append(image_tensor(item["image"], self.image_size))
-        return len(images) - 1
-
-    def sft(self, items):
-        rows, images, index, skipped, sample_ids = [], [], [], {}, []
-        for it in items:
-            prompt = self._prompt(it, ("question", "answer"), skipped)
-            if prompt is not None:
-                a = answer_ids(self.tok, it["answer"])[:self.max_len - len(prompt)]
-                rows.append((prompt, a, torch.ones(len(a))))
-                index.append(self._image(it, images))
-                sample_ids.append(it["id"])
-        return self._pack(rows, images, index, skipped, sample_ids) if rows else {"skipped": skipped}
-
-    def pairs(self, items):
-        chosen, rejected, images, index, skipped, sample_ids = [], [], [], [], {}, []
-        for it in items:
-            prompt = self._prompt(it, ("question", "chosen", "rejected"), skipped)
-            if prompt is None:
-                continue
-            room = self.max_len - len(prompt)
-            c, r = answer_ids(self.tok, it["chosen"]), answer_ids(self.tok, it["rejected"])
-            # diffed with the prompt in front, as RLHF-V diffs whole conversations: an edit in the
-            # first tokens of an answer then sits after a long match, not after a dropped short one
-            wc, wr = (w[len(prompt):] for w in ddpo.token_weights(prompt + c, prompt + r, self.gamma,
-                                                                   self.min_match))
-            chosen.append((prompt, c[:room], wc[:room]))
-            rejected.append((prompt, r[:room], wr[:room]))
-            index.append(self._image(it, images))
-            sample_ids.append(it["id"])
-        if not chosen:
-            return {"skipped": skipped}
-        return self._pack(chosen + rejected, images, index * 2, skipped, sample_ids)

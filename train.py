@@ -9,9 +9,9 @@
 
 A DDPO step (paper Sec. 3.2): chosen and rejected rows share their image, which is encoded once;
 one forward gives the policy's token log-probs, Eq. 5 weighs them into sequence scores, Eq. 4 turns
-the scores and the cached reference scores into the loss. The reference is the initial model: its
-per-token log-probs are computed once, before the first update, with the very batches of training
-(same tokens, template and image transform), and cached on disk by sample id.
+the scores and the cached reference scores into the loss. The reference is the model training
+starts from: its per-token log-probs are computed once, before the first update, with the training
+collate (same tokens, template, truncation and image transform), and cached on disk by sample id.
 """
 import contextlib
 import json
@@ -36,6 +36,7 @@ from model import Muffin, autocast, peak_flops, sized, train_flops
 
 @dataclass
 class TrainConfig:
+    # defaults: the paper's recipe (sft, ddpo); "miniature: X" is what --stage=rlhfv uses unless given
     stage: str = "rlhfv"     # rlhfv: the miniature end to end; sft; ddpo
     out_dir: str = "out"
     seed: int = 0            # picks the synthetic world, the initialisation and the data order
@@ -47,15 +48,15 @@ class TrainConfig:
     # DDPO (paper: gamma 5, beta 0.5, averaged scores)
     gamma: float = 5.0       # weight of tokens in corrected segments; 1 = vanilla DPO
     beta: float = 0.5
-    average: bool = False    # True: paper Eq. 5 (mean over weighted tokens); False: weighted sum
+    average: bool = True     # True: paper Eq. 5 (mean over weighted tokens); False: weighted sum; miniature: False
     min_match: int = 3       # diff: shorter matching blocks do not split a corrected segment
     sft_weight: float = 0.0  # + weight * NLL of the chosen answer (0 in the paper)
     ref_cache: str = ""      # default: <out_dir>/ref_logps.safetensors
-    # optimisation (paper: lr 5e-7, batch 32, 320 steps, warm-up 10%, clip 1, all params trained)
-    steps: int = 200         # the miniature's DDPO; SFT stages of the miniature use sft_steps
-    batch_size: int = 32     # pairs (ddpo) or answers (sft) per micro-batch
+    # optimisation (paper: AdamW lr 5e-7, global batch 32, 320 steps, warm-up 10%, cosine, clip 1, all params trained)
+    steps: int = 320         # ~7 epochs of the paper's 1,401 pairs; miniature: 200 (DDPO; its SFT: sft_steps)
+    batch_size: int = 32     # pairs (ddpo) or answers (sft) per micro-batch, per rank (global: x grad_accum x ranks)
     grad_accum: int = 1
-    lr: float = 1.5e-5       # the miniature's DDPO: faster rates start to teach "say fewer objects"
+    lr: float = 5e-7         # miniature: 1.5e-5 (faster rates teach it "say fewer objects")
     warmup: float = 0.1      # fraction of steps; then cosine to 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -397,6 +398,7 @@ def main(argv):
     cfg = cli.parse_args(TrainConfig, argv, paths=("data", "init", "tokenizer"))
     if cfg.stage == "rlhfv":
         from miniature import rlhfv  # the one place the library reaches into the demonstration
+        cfg = rlhfv.settle(cfg, cli.given(argv))  # its own lr, steps, ... under the options given
         (rlhfv.sweep if cfg.seeds else rlhfv.run)(cfg, train)
     elif cfg.stage in ("sft", "ddpo"):
         if not cfg.data or (cfg.stage == "ddpo" and not cfg.init):

@@ -161,7 +161,7 @@ def test_empty_answers_are_skipped_and_counted(tok, dataset):
     """Empty or blank chosen / rejected / answer: skipped and counted by reason (empty question,
     chosen == rejected, prompt > max_len and unreadable rows are in test_data.py)."""
     item = Records(dataset / "pairs.jsonl")[0]
-    b = Batcher(tok, 8, 32, max_len=512)
+    b = Batcher(tok, 8, 32, max_len=512, gamma=1.0)
     batch = b.pairs([item, {**item, "chosen": ""}, {**item, "rejected": " \n"},
                      {k: v for k, v in item.items() if k != "rejected"}])
     assert len(batch["sample_ids"]) == 1 and batch["skipped"] == {"empty chosen": 1, "empty rejected": 2}
@@ -303,8 +303,8 @@ def test_a_reference_cache_from_another_max_len_is_refused(tmp_path, tok, datase
     model = Muffin.from_pretrained(init_ckpt).eval()
     records = Records(data)
     n = model.config.n_query
-    ref = train.reference_logps(model, records, Batcher(tok, n, 32, max_len=512), cfg)
-    short = Batcher(tok, n, 32, max_len=len(prompt_ids(tok, records[0]["question"], n)) + 3)
+    ref = train.reference_logps(model, records, Batcher(tok, n, 32, max_len=512, gamma=1.0), cfg)
+    short = Batcher(tok, n, 32, max_len=len(prompt_ids(tok, records[0]["question"], n)) + 3, gamma=1.0)
     with pytest.raises(ValueError, match=rf"ref_logps.safetensors: sample {records[0]['id']} has \d+/\d+ "
                                          r"cached tokens but 3/3 now \(another tokenizer or max_len\?\)"):
         ref.logps(short.pairs([records[0]]))
