@@ -28,11 +28,13 @@ import torch
 from PIL import Image
 
 import ddpo
+from cli import InputError
 
 SPECIAL = ("[PAD]", "<im_patch>", "<im_start>", "<im_end>")
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 STOP = "###"  # answers end with "\n###"; generation stops when it appears
+SFT_KEYS, PAIR_KEYS = ("question", "answer"), ("question", "chosen", "rejected")  # what each stage reads
 TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # name BOS/EOS/pad; the later wins
 
 # ----------------------------------------------------------------------------------------- template
@@ -99,7 +101,8 @@ class Batcher:
 
     @staticmethod
     def skip_reason(item, keys):
-        """Why a row (of Records) cannot be trained on, or None. keys: the text fields the stage reads."""
+        """Why a row (of Records) cannot be trained on, or None. keys: the text fields the stage
+        reads (SFT_KEYS or PAIR_KEYS)."""
         if "error" in item:
             return "unreadable row"
         for k in keys:
@@ -109,16 +112,15 @@ class Batcher:
             return "chosen == rejected"
         return None
 
-    def _prompt(self, item, keys, skipped):
-        """The prompt ids of a usable item; None for an item to skip, its reason counted."""
-        reason, prompt = self.skip_reason(item, keys), None
-        if reason is None:
-            prompt = prompt_ids(self.tok, item["question"], 0 if item.get("image") is None else self.n_query)
-            if len(prompt) >= self.max_len:
-                reason, prompt = "prompt longer than max_len", None
+    def prompt(self, item, keys):
+        """(prompt ids, None) for a usable item; (None, why) for one to skip."""
+        reason = self.skip_reason(item, keys)
         if reason:
-            skipped[reason] = skipped.get(reason, 0) + 1
-        return prompt
+            return None, reason
+        prompt = prompt_ids(self.tok, item["question"], 0 if item.get("image") is None else self.n_query)
+        if len(prompt) >= self.max_len:
+            return None, "prompt longer than max_len"
+        return prompt, None
 
     def _pack(self, rows, images, image_index, skipped, sample_ids):
         """rows: (prompt, answer, answer weights) -> padded tensors; weights [N, T-1] align with
@@ -148,19 +150,22 @@ class Batcher:
     def sft(self, items):
         rows, images, index, skipped, sample_ids = [], [], [], {}, []
         for it in items:
-            prompt = self._prompt(it, ("question", "answer"), skipped)
-            if prompt is not None:
-                a = answer_ids(self.tok, it["answer"])[:self.max_len - len(prompt)]
-                rows.append((prompt, a, torch.ones(len(a))))
-                index.append(self._image(it, images))
-                sample_ids.append(it["id"])
+            prompt, reason = self.prompt(it, SFT_KEYS)
+            if reason:
+                skipped[reason] = skipped.get(reason, 0) + 1
+                continue
+            a = answer_ids(self.tok, it["answer"])[:self.max_len - len(prompt)]
+            rows.append((prompt, a, torch.ones(len(a))))
+            index.append(self._image(it, images))
+            sample_ids.append(it["id"])
         return self._pack(rows, images, index, skipped, sample_ids) if rows else {"skipped": skipped}
 
     def pairs(self, items):
         chosen, rejected, images, index, skipped, sample_ids = [], [], [], [], {}, []
         for it in items:
-            prompt = self._prompt(it, ("question", "chosen", "rejected"), skipped)
-            if prompt is None:
+            prompt, reason = self.prompt(it, PAIR_KEYS)
+            if reason:
+                skipped[reason] = skipped.get(reason, 0) + 1
                 continue
             room = self.max_len - len(prompt)
             c, r = answer_ids(self.tok, it["chosen"]), answer_ids(self.tok, it["rejected"])
@@ -184,7 +189,12 @@ class Tokenizer:
         """special_tokens: {"bos_token": "</s>", ...}, the BOS, EOS and pad tokens as a saved
         transformers tokenizer names them (see from_pretrained); a role not named keeps its default:
         SentencePiece's BOS and EOS, and [PAD]."""
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        if not os.path.isfile(model_file):
+            raise InputError(f"{model_file}: no such tokenizer file (a SentencePiece tokenizer.model)")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (RuntimeError, OSError) as e:
+            raise InputError(f"{model_file}: not a SentencePiece model ({str(e).strip()})") from None
         n = self.sp.get_piece_size()
         self.pad_id, self.im_patch_id, self.im_start_id, self.im_end_id = range(n, n + 4)
         self.special = dict(zip(SPECIAL, range(n, n + 4)))
@@ -195,7 +205,7 @@ class Tokenizer:
             if token is not None:
                 i = self.special.get(token, self.sp.piece_to_id(token))
                 if i == self.sp.unk_id() and token != self.sp.id_to_piece(i):
-                    raise ValueError(f"{model_file}: {role}_token {token!r} is not in its vocabulary")
+                    raise InputError(f"{model_file}: {role}_token {token!r} is not in its vocabulary")
                 setattr(self, role + "_id", i)
         self._split = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL) + ")")
 
@@ -212,8 +222,11 @@ class Tokenizer:
         for name in TOKEN_FILES:
             file = os.path.join(os.path.dirname(model_file), name)
             if os.path.exists(file):
-                with open(file) as f:
-                    saved = json.load(f)
+                try:
+                    with open(file) as f:
+                        saved = json.load(f)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise InputError(f"{file}: not JSON ({e})") from None
                 for role in ("bos_token", "eos_token", "pad_token"):
                     token = saved.get(role)  # a string, or an AddedToken saved as {"content": ...}
                     if token is not None:
@@ -246,7 +259,7 @@ def check_tokenizer(tok, config, tok_file):
     """Every id the tokenizer makes must fit the model (a MuffinConfig): a mismatch is refused here,
     not left to an index error (or a CUDA device-side assert) in the first forward."""
     if (config.llm.vocab_size, config.im_patch_id) != (tok.vocab_size, tok.im_patch_id):
-        raise SystemExit(f"{tok_file} does not match the model: {tok.vocab_size} tokens and <im_patch> "
+        raise InputError(f"{tok_file} does not match the model: {tok.vocab_size} tokens and <im_patch> "
                          f"{tok.im_patch_id}, the model has {config.llm.vocab_size} and {config.im_patch_id} "
                          f"(<im_patch> from {getattr(config, 'im_patch_source', 'its config')})")
 
@@ -284,7 +297,7 @@ def load_image(src):
             img.paste(rgba, mask=rgba.getchannel("A"))  # transparent areas become white, not black
         return img.convert("RGB")
     except Exception as e:  # decoders raise many kinds of error on malformed bytes
-        raise ValueError(f"image {name}: {type(e).__name__}: {e}") from None
+        raise InputError(f"image {name}: {type(e).__name__}: {e}") from None
 
 
 def image_tensor(img, size):
@@ -305,14 +318,19 @@ class Records:
 
     def __init__(self, path):
         self.path, self.kind = str(path), str(path).rsplit(".", 1)[-1]
+        if os.path.isdir(path):
+            raise InputError(f"{path}: a directory; expected a data file (.jsonl, .tsv or .parquet)")
         if self.kind == "parquet":
             try:
                 import pyarrow.parquet as pq
             except ImportError:
-                raise SystemExit(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or "
+                raise InputError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or "
                                  "convert it once to our JSONL: one {\"image\", \"question\", "
                                  "\"chosen\", \"rejected\"} object per line") from None
-            self.pq = pq.ParquetFile(self.path)
+            try:
+                self.pq = pq.ParquetFile(self.path)
+            except Exception as e:  # pyarrow's ArrowInvalid, OSError
+                raise InputError(f"{path}: not a readable parquet file ({e})") from None
             sizes = [self.pq.metadata.row_group(g).num_rows for g in range(self.pq.num_row_groups)]
             self.starts = [sum(sizes[:g]) for g in range(len(sizes) + 1)]
             self.group = (None, None)
@@ -320,11 +338,14 @@ class Records:
             idx = self.path[:-4] + ".lineidx"
             if self.kind == "tsv" and os.path.exists(idx):
                 with open(idx) as f:
-                    self.offsets = [int(line) for line in f if line.strip()]
+                    try:
+                        self.offsets = [int(line) for line in f if line.strip()]
+                    except ValueError:
+                        raise InputError(f"{idx}: expected one byte offset per line") from None
             else:
                 self.offsets = line_offsets(self.path)
         else:
-            raise ValueError(f"{path}: unknown data format (expected .jsonl, .tsv or .parquet)")
+            raise InputError(f"{path}: unknown data format (expected .jsonl, .tsv or .parquet)")
 
     def __len__(self):
         return self.starts[-1] if self.kind == "parquet" else len(self.offsets)
@@ -338,7 +359,7 @@ class Records:
                     raise TypeError(f"{k} is {type(row[k]).__name__}, not text")
             row["image"] = None if row["image"] is None else load_image(row["image"])
         except (ValueError, KeyError, IndexError, TypeError, AttributeError, json.JSONDecodeError) as e:
-            return {"error": f"{where}: {type(e).__name__}: {e}"}
+            return {"error": f"{where}: {e}" if isinstance(e, InputError) else f"{where}: {type(e).__name__}: {e}"}
         return row
 
     def _line(self, i):

@@ -15,6 +15,7 @@ checked every `check_every` tokens), so with --compile it is captured in a CUDA 
 Tests: python -m pytest tests/test_sample.py
 """
 import math
+import os
 import sys
 from dataclasses import dataclass
 
@@ -226,6 +227,8 @@ def main(argv):
     dtype = DTYPES[cfg.dtype or ("bfloat16" if cfg.device.startswith("cuda") else "float32")]
     model = Muffin.from_pretrained(cfg.ckpt, dtype=dtype).to(cfg.device).eval()
     tok_file = cfg.tokenizer or f"{cfg.ckpt}/tokenizer.model"
+    if not cfg.tokenizer and not os.path.exists(tok_file):
+        raise cli.InputError(f"{cfg.ckpt}: no tokenizer.model in the checkpoint; give --tokenizer")
     tok = Tokenizer.from_pretrained(tok_file)
     check_tokenizer(tok, model.config, tok_file)
     image = image_tensor(load_image(cfg.image), model.config.vision.img_size)[None].to(cfg.device, dtype)

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import data
+from cli import InputError
 from data import STOP, Batcher, Records, Tokenizer, answer_ids, image_tensor, load_image, prompt_ids
 
 
@@ -244,7 +245,7 @@ def test_jsonl_reader(tmp_path):
 def test_parquet_without_pyarrow_says_how_to_convert(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)
     monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
-    with pytest.raises(SystemExit, match="pip install pyarrow"):
+    with pytest.raises(InputError, match="pip install pyarrow"):
         Records(tmp_path / "RLHF-V-Dataset.parquet")
 
 
