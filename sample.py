@@ -2,7 +2,8 @@
 
     python sample.py --ckpt=out/ddpo --image=scene.png --prompt="Describe the image in detail."
     python sample.py --ckpt=out/ddpo --image=a.png --temperature=0.7 --top_p=0.9
-    python sample.py --ckpt=RLHF-V --image=a.png --preset=rlhfv    # RLHF-V's evaluation decoding
+    python sample.py --ckpt=RLHF-V --image=a.png --preset=rlhfv    # RLHF-V's evaluation decoding and prompt
+    python sample.py --ckpt=out/ddpo --image=a.png --preset=rlhfv --template=train  # its decoding, our template
     python sample.py --ckpt=out/ddpo --image=a.png --interactive < questions.txt
 
 Prompts of different lengths are left-padded: RoPE only sees position differences, so a row

@@ -30,8 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 import cli
 import ddpo
 import parallel
-from checkpoint import atomic_write
-from checkpoint import read_config
+from checkpoint import atomic_write, read_config
 from cli import InputError
 from data import PAIR_KEYS, SFT_KEYS, TOKEN_FILES, Batcher, Records, Tokenizer, check_tokenizer
 from model import Muffin, autocast, peak_flops, sized, train_flops
