@@ -284,9 +284,9 @@ def main(argv):
     cuda = cfg.device.startswith("cuda")
     shapes = [cfg.shape] if cfg.shape else ["llama-1.1b", "llama-1.1b-mm"] if cuda else ["tiny"]
     if any(s not in SHAPES for s in shapes):
-        raise SystemExit(f"unknown --shape={cfg.shape}; valid: {' '.join(SHAPES)}")
+        raise cli.UsageError(f"unknown --shape={cfg.shape}; valid: {' '.join(SHAPES)}")
     if cfg.compare and importlib.util.find_spec("transformers") is None:
-        raise SystemExit("--compare needs transformers (pip install transformers); it is no dependency")
+        raise cli.UsageError("--compare needs transformers (pip install transformers); it is no dependency")
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"{device}, torch {torch.__version__}, {'bf16 autocast' if cuda else 'fp32'}; "
           f"median of {cfg.iters} runs after {cfg.warmup} warm-up runs")
@@ -294,7 +294,7 @@ def main(argv):
     for shape in shapes:
         c = replace(cfg, shape=shape, **{k: getattr(cfg, k) or v for k, v in SHAPES[shape][2].items()})
         if c.rows % 2:
-            raise SystemExit(f"--rows must be even (chosen rows, then as many rejected rows), not {c.rows}")
+            raise cli.UsageError(f"--rows must be even (chosen rows, then as many rejected rows), not {c.rows}")
         print(f"{shape}: step {c.rows} rows x {c.seq} tokens; decode {c.prompt} + {c.new_tokens} tokens")
         table += run_shape(c, compared)
     print(format_table(table))

@@ -6,13 +6,31 @@
     atomic_write("out/latest", "ckpt-100")  # the old file or the new one, never half of either
 
 Weights load through safetensors or torch.load(weights_only=True): a pickle that would run code
-is refused. Tests: python -m pytest tests/test_model.py tests/test_vision.py tests/test_robustness.py
+is refused. A directory or file that is not what is expected (no config.json, no weights, a
+truncated file, keys that do not fit) is a cli.InputError naming it.
+Tests: python -m pytest tests/test_model.py tests/test_vision.py tests/test_robustness.py
 """
 import json
 import os
 import pickle
 
 import torch
+
+from cli import InputError
+
+
+def read_config(path):
+    """The config.json of a checkpoint directory, as a dict."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise InputError(f"{path}: not a directory; a checkpoint is a directory with config.json and weights")
+    if not os.path.isfile(file):
+        raise InputError(f"{path}: no config.json: not a checkpoint directory (config.json + model.safetensors)")
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{file}: not JSON ({e})") from None
 
 
 def read_checkpoint(path):
@@ -28,7 +46,7 @@ def read_checkpoint(path):
     for name in ("model.safetensors", "pytorch_model.bin"):
         if os.path.exists(os.path.join(path, name)):
             return read_weights(os.path.join(path, name))
-    raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin or shard index")
+    raise InputError(f"{path}: no weights (model.safetensors, pytorch_model.bin or a shard index)")
 
 
 def atomic_write(path, content):
@@ -54,21 +72,29 @@ def read_weights(path):
     """A flat {name: tensor} from .safetensors, or .pth/.bin/.pt through torch.load(weights_only=True),
     which refuses any pickle that would construct arbitrary objects (i.e. run code)."""
     path = str(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such weight file")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # SafetensorError (truncated, not safetensors), OSError
+            raise InputError(f"{path}: unreadable as safetensors (truncated or another format?): {e}") from None
     try:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # mmap needs the zip format; legacy files load without it
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refused to load (weights_only=True): {e}") from None
+        raise InputError(f"{path}: refused to load (weights_only=True): {e}") from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated, or not a torch file
+        raise InputError(f"{path}: unreadable by torch.load (truncated or another format?): "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     for wrapper in ("model", "module", "state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: not a flat state dict of tensors")
+        raise InputError(f"{path}: not a flat state dict of tensors")
     return sd
 
 
@@ -89,5 +115,5 @@ def load_exact(module, sd, source, ignore=(), optional=()):
             if keys:
                 lines.append(f"  {name} ({len(keys)}): " + ", ".join(keys[:20])
                              + (" ..." if len(keys) > 20 else ""))
-        raise ValueError("\n".join(lines))
+        raise InputError("\n".join(lines))
     module.load_state_dict(sd, strict=False, assign=True)

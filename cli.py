@@ -6,7 +6,8 @@
 Each field of the dataclass is an option, parsed as its field's type (a bare --flag sets a bool).
 The help text is read from the program's own docstring and from the comments beside the fields,
 so it cannot drift from the code. A mistake on the command line (an unknown option, a value of the
-wrong type, a path that does not exist) is a UsageError: one line, exit status 2, no traceback.
+wrong type, a path that does not exist) is a UsageError: one line, exit status 2, no traceback; a
+file that is not what its option expects is an InputError: one line, exit status 1.
 """
 import inspect
 import os
@@ -19,6 +20,12 @@ class UsageError(SystemExit):
     """A user's mistake on the command line, reported by `run` as one line with exit status 2."""
 
 
+class InputError(ValueError):
+    """A file (or a row of one) that is not what its option expects: raised as
+    InputError(f"{path}: what was expected"), reported by `run` as that one line with exit status 1.
+    The user's data is wrong, not the program: no traceback (a genuine bug keeps its own)."""
+
+
 def run(main):
     """Call main(sys.argv[1:]) as a program's entry point."""
     try:
@@ -26,6 +33,9 @@ def run(main):
     except UsageError as e:
         print(f"{os.path.basename(sys.argv[0])}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except InputError as e:
+        print(f"{os.path.basename(sys.argv[0])}: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def parse_args(cls, argv, paths=()):
@@ -55,6 +65,11 @@ def parse_args(cls, argv, paths=()):
         if getattr(cfg, key) and not os.path.exists(getattr(cfg, key)):
             raise UsageError(f"--{key}={getattr(cfg, key)}: no such file or directory")
     return cfg
+
+
+def given(argv):
+    """The option names given in argv (--key=value or --key), as a set."""
+    return {arg.removeprefix("--").partition("=")[0] for arg in argv}
 
 
 def help_text(cls):

@@ -5,9 +5,14 @@ library's difflib for the segment diff), so every number can be checked by hand:
 
     python -m pytest tests/test_ddpo.py
 
-One DDPO step, for B pairs whose 2B rows are stacked chosen-then-rejected:
-    logp, mask = token_logps(logits, labels)                 # [2B, T-1]
+One DDPO step, for B pairs whose 2B rows are stacked chosen-then-rejected (data.Batcher.pairs does
+the first line, train.forward_loss the rest; ref_logp is the reference model's token_logps of the
+same rows, computed once before training and cached: train.RefCache):
+    cw, rw = token_weights(prompt + chosen, prompt + rejected, gamma)   # per pair, then sliced to
+                                                             # the answers and padded: weights [2B, T-1]
+    logp, mask = token_logps(logits, labels)                 # [2B, T-1], the policy's
     s = weighted_scores(logp, mask, weights)                 # [2B]   paper Eq. 5
+    ref = weighted_scores(ref_logp, mask, weights)           # [2B]   the reference's, from its cache
     losses, r_w, r_l = ddpo_loss(s[:B], s[B:], ref[:B], ref[B:], beta)   # paper Eq. 4
 """
 import difflib
@@ -37,7 +42,8 @@ def token_logps(logits, labels):
 def token_weights(chosen_ids, rejected_ids, gamma, min_match=3):
     """Per-token weights from the segment-level correction (paper Sec. 3.2, gamma of Eq. 5).
 
-    chosen_ids, rejected_ids: token ids (lists of int) of the corrected and the original answer.
+    chosen_ids, rejected_ids: token ids (lists of int) of the corrected and the original answer,
+    each after the same prompt (data.Batcher.pairs passes prompt + answer and keeps the answer's part).
     Returns (chosen_w [len(chosen_ids)], rejected_w [len(rejected_ids)]) float tensors, 1 or gamma.
     The corrected segments are recovered from the token diff, as RLHF-V does: matching blocks
     shorter than min_match are dropped, and a gap between blocks weighs gamma on both sides only

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import atomic_write, load_exact, read_checkpoint
+from checkpoint import atomic_write, load_exact, read_checkpoint, read_config
 from vision import BEiT3, BEiT3Config, config_from_weights
 
 
@@ -275,8 +275,7 @@ class LLaMA(nn.Module):
         """An HF-layout directory: config.json + model.safetensors, or shards with their index
         (*.safetensors, or *.bin read with weights_only=True). Built on the meta device and the
         loaded tensors assigned, so the weights are in memory once."""
-        with open(os.path.join(path, "config.json")) as f:
-            d = json.load(f)
+        d = read_config(path)
         return cls._build(LLaMAConfig.from_hf(d), read_checkpoint(path), path, dtype)
 
     @classmethod
@@ -369,8 +368,7 @@ class Muffin(LLaMA):
         plus mm_* fields, the tower's shape read off its weights (its head count from a
         vision_config field where there is one), the <im_patch> id from release_im_patch_id.
         Weights as LLaMA.from_pretrained reads them."""
-        with open(os.path.join(path, "config.json")) as f:
-            d = json.load(f)
+        d = read_config(path)
         sd = read_checkpoint(path)
         if "llm" in d:
             config, source = MuffinConfig.from_dict(d), os.path.join(path, "config.json")

@@ -2,7 +2,8 @@
 
     python sample.py --ckpt=out/ddpo --image=scene.png --prompt="Describe the image in detail."
     python sample.py --ckpt=out/ddpo --image=a.png --temperature=0.7 --top_p=0.9
-    python sample.py --ckpt=RLHF-V --image=a.png --preset=rlhfv    # RLHF-V's evaluation decoding
+    python sample.py --ckpt=RLHF-V --image=a.png --preset=rlhfv    # RLHF-V's evaluation decoding and prompt
+    python sample.py --ckpt=out/ddpo --image=a.png --preset=rlhfv --template=train  # its decoding, our template
     python sample.py --ckpt=out/ddpo --image=a.png --interactive < questions.txt
 
 Prompts of different lengths are left-padded: RoPE only sees position differences, so a row
@@ -15,6 +16,7 @@ checked every `check_every` tokens), so with --compile it is captured in a CUDA 
 Tests: python -m pytest tests/test_sample.py
 """
 import math
+import os
 import sys
 from dataclasses import dataclass
 
@@ -33,7 +35,8 @@ class SampleConfig:
     image: str = ""                # the picture to ask about (required)
     prompt: str = "Describe the image in detail."
     interactive: bool = False     # questions about the image from standard input, one a line, until EOF
-    preset: str = ""              # rlhfv: RLHF-V's evaluation (PRESETS, and its prompt: eval_prompt_ids)
+    preset: str = ""              # rlhfv: RLHF-V's evaluation decoding and prompt (PRESETS)
+    template: str = "train"       # train: the training template; eval: RLHF-V's evaluation prompt (eval_prompt_ids)
     max_new_tokens: int = 128
     temperature: float = 0.0      # 0: greedy
     top_p: float = 1.0
@@ -50,7 +53,9 @@ class SampleConfig:
 # RLHF-V's evaluation (spec 6.1); options given on the command line win. Its transformers (4.28)
 # stopped beam search only once every beam's text held "###"; here a beam ends at its own stop token,
 # as transformers' stop strings end beams now (test_parity.py compares with that).
-PRESETS = {"rlhfv": dict(num_beams=3, repetition_penalty=1.1, max_new_tokens=1024)}
+# Its prompt is not the training template: the released model answers both, a model trained only on
+# the template (as train.py's are, the miniature's above all) may not, hence the note in main().
+PRESETS = {"rlhfv": dict(num_beams=3, repetition_penalty=1.1, max_new_tokens=1024, template="eval")}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -192,11 +197,12 @@ def settle(cfg, argv):
     line naming the option and its valid values."""
     if cfg.preset and cfg.preset not in PRESETS:
         raise cli.UsageError(f"--preset={cfg.preset}: valid: {' '.join(PRESETS)} (or none)")
-    given = {arg.removeprefix("--").partition("=")[0] for arg in argv}
+    given = cli.given(argv)
     for key, value in PRESETS.get(cfg.preset, {}).items():
         if key not in given:
             setattr(cfg, key, value)
     for bad, message in [
+        (cfg.template not in ("train", "eval"), f"--template={cfg.template}: valid: train eval"),
         (cfg.dtype not in ("", *DTYPES), f"--dtype={cfg.dtype}: valid: {' '.join(DTYPES)}"),
         (cfg.num_beams < 1, f"--num_beams={cfg.num_beams}: valid: 1 (greedy or sampled) or more (beams)"),
         (cfg.repetition_penalty <= 0, f"--repetition_penalty={cfg.repetition_penalty}: valid: > 0 (1: none)"),
@@ -214,10 +220,16 @@ def main(argv):
     cfg = settle(cli.parse_args(SampleConfig, argv, paths=("ckpt", "tokenizer", "image")), argv)
     if not cfg.image:
         raise cli.UsageError("--image is required: the picture to ask about")
+    if cfg.template == "eval" and "template" not in cli.given(argv):
+        print(f"sample.py: --preset={cfg.preset} asks in RLHF-V's evaluation prompt, not the training "
+              "template; a model trained only on the template (e.g. train.py's) may answer it badly: "
+              "--template=train keeps the preset's decoding with the template", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     dtype = DTYPES[cfg.dtype or ("bfloat16" if cfg.device.startswith("cuda") else "float32")]
     model = Muffin.from_pretrained(cfg.ckpt, dtype=dtype).to(cfg.device).eval()
     tok_file = cfg.tokenizer or f"{cfg.ckpt}/tokenizer.model"
+    if not cfg.tokenizer and not os.path.exists(tok_file):
+        raise cli.InputError(f"{cfg.ckpt}: no tokenizer.model in the checkpoint; give --tokenizer")
     tok = Tokenizer.from_pretrained(tok_file)
     check_tokenizer(tok, model.config, tok_file)
     image = image_tensor(load_image(cfg.image), model.config.vision.img_size)[None].to(cfg.device, dtype)
@@ -230,9 +242,9 @@ def main(argv):
         if not question:
             continue
         # as Muffin's multi-turn chat: RLHF-V's evaluation prompt opens, the training template goes on
-        ids = (eval_prompt_ids(tok, question, n_query) if cfg.preset == "rlhfv" and not history
+        ids = (eval_prompt_ids(tok, question, n_query) if cfg.template == "eval" and not history
                else prompt_ids(tok, question, n_query, history))
-        answer = answer_text(tok, generate_ids(model, [ids], stop, feats, **options)[0], cfg.preset == "rlhfv")
+        answer = answer_text(tok, generate_ids(model, [ids], stop, feats, **options)[0], cfg.template == "eval")
         print(answer, flush=True)
         history.append((question, answer))
 

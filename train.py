@@ -9,9 +9,9 @@
 
 A DDPO step (paper Sec. 3.2): chosen and rejected rows share their image, which is encoded once;
 one forward gives the policy's token log-probs, Eq. 5 weighs them into sequence scores, Eq. 4 turns
-the scores and the cached reference scores into the loss. The reference is the initial model: its
-per-token log-probs are computed once, before the first update, with the very batches of training
-(same tokens, template and image transform), and cached on disk by sample id.
+the scores and the cached reference scores into the loss. The reference is the model training
+starts from: its per-token log-probs are computed once, before the first update, with the training
+collate (same tokens, template, truncation and image transform), and cached on disk by sample id.
 """
 import contextlib
 import json
@@ -19,6 +19,7 @@ import math
 import os
 import pickle
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -29,13 +30,15 @@ from torch.nn.parallel import DistributedDataParallel
 import cli
 import ddpo
 import parallel
-from checkpoint import atomic_write
-from data import TOKEN_FILES, Batcher, Records, Tokenizer, check_tokenizer
+from checkpoint import atomic_write, read_config
+from cli import InputError
+from data import PAIR_KEYS, SFT_KEYS, TOKEN_FILES, Batcher, Records, Tokenizer, check_tokenizer
 from model import Muffin, autocast, peak_flops, sized, train_flops
 
 
 @dataclass
 class TrainConfig:
+    # defaults: the paper's recipe (sft, ddpo); "miniature: X" is what --stage=rlhfv uses unless given
     stage: str = "rlhfv"     # rlhfv: the miniature end to end; sft; ddpo
     out_dir: str = "out"
     seed: int = 0            # picks the synthetic world, the initialisation and the data order
@@ -47,15 +50,15 @@ class TrainConfig:
     # DDPO (paper: gamma 5, beta 0.5, averaged scores)
     gamma: float = 5.0       # weight of tokens in corrected segments; 1 = vanilla DPO
     beta: float = 0.5
-    average: bool = False    # True: paper Eq. 5 (mean over weighted tokens); False: weighted sum
+    average: bool = True     # True: paper Eq. 5 (mean over weighted tokens); False: weighted sum; miniature: False
     min_match: int = 3       # diff: shorter matching blocks do not split a corrected segment
     sft_weight: float = 0.0  # + weight * NLL of the chosen answer (0 in the paper)
     ref_cache: str = ""      # default: <out_dir>/ref_logps.safetensors
-    # optimisation (paper: lr 5e-7, batch 32, 320 steps, warm-up 10%, clip 1, all params trained)
-    steps: int = 200         # the miniature's DDPO; SFT stages of the miniature use sft_steps
-    batch_size: int = 32     # pairs (ddpo) or answers (sft) per micro-batch
+    # optimisation (paper: AdamW lr 5e-7, global batch 32, 320 steps, warm-up 10%, cosine, clip 1, all params trained)
+    steps: int = 320         # ~7 epochs of the paper's 1,401 pairs; miniature: 200 (DDPO; its SFT: sft_steps)
+    batch_size: int = 32     # pairs (ddpo) or answers (sft) per micro-batch, per rank (global: x grad_accum x ranks)
     grad_accum: int = 1
-    lr: float = 1.5e-5       # the miniature's DDPO: faster rates start to teach "say fewer objects"
+    lr: float = 5e-7         # miniature: 1.5e-5 (faster rates teach it "say fewer objects")
     warmup: float = 0.1      # fraction of steps; then cosine to 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -97,7 +100,7 @@ def batches(records, collate, cfg, start, rank=0, world=1):
     together the ranks see what one process with that batch size sees."""
     per_epoch = len(records) // (cfg.batch_size * world)
     if per_epoch == 0:
-        raise SystemExit(f"{records.path}: {len(records)} rows, fewer than one batch of {cfg.batch_size * world}")
+        raise InputError(f"{records.path}: {len(records)} rows, fewer than one batch of {cfg.batch_size * world}")
     epoch, skip = divmod(start, per_epoch)
     while True:
         order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
@@ -106,6 +109,52 @@ def batches(records, collate, cfg, start, rank=0, world=1):
         yield from torch.utils.data.DataLoader(records, batch_sampler=order, collate_fn=collate,
                                                num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"))
         epoch, skip = epoch + 1, 0
+
+
+PREFLIGHT_ROWS = 256  # rows looked at before the first step: all of a smaller file, else this many
+SKIP_WARN = 0.05      # a larger share of skipped rows is said before training, not only at its end
+
+
+def preflight(records, batcher, cfg, rank=0):
+    """Look at the rows the stage will read before any work: all of a small file, else
+    PREFLIGHT_ROWS spread over it. None usable: stop with one line naming the commonest reason and
+    its likely cause. More than SKIP_WARN of them skipped: say so now, on stderr."""
+    n, keys = len(records), SFT_KEYS if cfg.stage == "sft" else PAIR_KEYS
+    picked = range(n) if n <= PREFLIGHT_ROWS else sorted({i * n // PREFLIGHT_ROWS for i in range(PREFLIGHT_ROWS)})
+    reasons, first, fields = Counter(), {}, Counter()
+    for i in picked:
+        row = records[i]
+        fields.update(k for k in ("answer", "chosen", "rejected") if row.get(k))
+        reason = batcher.prompt(row, keys)[1]
+        if reason:
+            reasons[reason] += 1
+            first.setdefault(reason, row.get("error", f"{records.path}:{i + 1}"))
+    if not reasons:
+        return
+    counts = ", ".join(f"{v} {k}" for k, v in reasons.most_common())
+    looked = f"its {n} rows" if len(picked) == n else f"{len(picked)} of its {n} rows, spread over it,"
+    if sum(reasons.values()) == len(picked):
+        top = reasons.most_common(1)[0][0]
+        raise InputError(f"{records.path}: no usable row for --stage={cfg.stage} in {looked}: {counts}; "
+                         + likely_cause(cfg, top, fields, first[top]))
+    if sum(reasons.values()) > SKIP_WARN * len(picked) and rank == 0:
+        print(f"warning: {records.path}: {sum(reasons.values())} of {looked} will be skipped ({counts}); "
+              f"the first: {first[reasons.most_common(1)[0][0]]}", file=sys.stderr, flush=True)
+
+
+def likely_cause(cfg, reason, fields, first):
+    """What most likely makes rows fail for `reason`, from the fields the rows do have."""
+    if reason == "empty answer" and fields["chosen"]:
+        return "--stage=sft reads question/answer; these rows have chosen/rejected: DDPO pairs? (--stage=ddpo)"
+    if reason in ("empty chosen", "empty rejected") and fields["answer"]:
+        return "--stage=ddpo reads question/chosen/rejected; these rows have answer: SFT data? (--stage=sft)"
+    if reason == "prompt longer than max_len":
+        return f"--max_len={cfg.max_len} leaves no room for an answer"
+    if reason == "chosen == rejected":
+        return "every pair's two answers are the same, so there is nothing to learn"
+    if reason == "unreadable row":
+        return f"the first: {first}"
+    return f"the rows have no {reason.removeprefix('empty ')} (the first: {first})"
 
 
 def forward_loss(model, batch, cfg):
@@ -142,27 +191,65 @@ class RefCache:
         for j, sid in enumerate(batch["sample_ids"]):
             c, r = self.tensors.get(f"{sid}/chosen"), self.tensors.get(f"{sid}/rejected")
             if c is None or r is None:
-                raise ValueError(f"{self.path}: no reference log-probs for sample {sid}: the data changed "
+                raise InputError(f"{self.path}: no reference log-probs for sample {sid}: the data changed "
                                  "since the cache was computed; delete the file to recompute it")
             now = (int(mask[j].sum()), int(mask[B + j].sum()))
             if (len(c), len(r)) != now:
-                raise ValueError(f"{self.path}: sample {sid} has {len(c)}/{len(r)} cached tokens but "
+                raise InputError(f"{self.path}: sample {sid} has {len(c)}/{len(r)} cached tokens but "
                                  f"{now[0]}/{now[1]} now (another tokenizer or max_len?); delete the "
                                  "file to recompute it")
             out[j][mask[j]], out[B + j][mask[B + j]] = c, r
         return out
 
 
+def tokenizer_file(cfg):
+    return cfg.tokenizer or os.path.join(cfg.init, "tokenizer.model")
+
+
+def reference_inputs(cfg):
+    """What the reference log-probs are computed from, by name: the --init checkpoint's config and
+    weight files, the data file and the tokenizer's files (each by size and modification time: a
+    rewritten file is another input), max_len, and the device type (its precision enters)."""
+    def stamp(path):
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+
+    tok_file = tokenizer_file(cfg)
+    tok_files = [tok_file, *(os.path.join(os.path.dirname(tok_file), name) for name in TOKEN_FILES)]
+    return {"init": {f: stamp(os.path.join(cfg.init, f)) for f in sorted(os.listdir(cfg.init) if cfg.init else ())
+                     if f == "config.json" or f.endswith((".safetensors", ".bin", ".index.json"))},
+            "data": {os.path.basename(cfg.data): stamp(cfg.data)},
+            "tokenizer": {os.path.basename(f): stamp(f) for f in tok_files if os.path.exists(f)},
+            "max_len": cfg.max_len, "device": torch.device(cfg.device).type}
+
+
 @torch.no_grad()
-def reference_logps(model, records, batcher, cfg, rank=0, world=1):
+def reference_logps(model, records, batcher, cfg, rank=0, world=1, resumed=False):
     """Compute (once) or load the reference cache. Run before the first update, so the policy is
     still the initial model: the reference never sits beside the policy in memory. With `world`
     ranks, rank r computes records r, r + world, ... (wrapping round, so that all run as many
-    forwards, as FSDP's collectives need); every rank receives them all and rank 0 writes the file."""
+    forwards, as FSDP's collectives need); every rank receives them all and rank 0 writes the file.
+    The file records its inputs (reference_inputs); a cache from other inputs is computed again,
+    except in a resumed run, whose model is no longer the initial one: that stops, naming them."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     path = cfg.ref_cache or os.path.join(cfg.out_dir, "ref_logps.safetensors")
+    inputs = reference_inputs(cfg)
     if os.path.exists(path):
-        return RefCache(path, load_file(path))
+        with safe_open(path, "pt") as f:
+            saved = json.loads((f.metadata() or {}).get("inputs", "{}"))
+        changed = [k for k in inputs if saved.get(k) != inputs[k]]
+        if not changed:
+            return RefCache(path, load_file(path))
+        names = {"init": f"--init={cfg.init}", "data": f"--data={cfg.data}", "max_len": f"--max_len={cfg.max_len}",
+                 "tokenizer": f"tokenizer {tokenizer_file(cfg)}", "device": f"--device={cfg.device}"}
+        why = (f"{path}: computed from another " + ", ".join(names[k] for k in changed) if saved
+               else f"{path}: holds no record of its inputs")
+        if resumed:
+            raise InputError(why + "; a resumed run cannot compute it again (its model is no longer the "
+                             "initial one): start afresh, or give --ref_cache a new path")
+        if rank == 0:
+            print(why + ": computing it again", flush=True)
     was_training, out = model.training, {}
     model.eval()
     mine = [(rank + world * k) % len(records) for k in range(-(-len(records) // world))]
@@ -180,7 +267,8 @@ def reference_logps(model, records, batcher, cfg, rank=0, world=1):
     out = {k: v for part in parallel.gather(out, world) for k, v in part.items()}
     if rank == 0:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        atomic_write(path, lambda p: save_file(out, p, {"init": cfg.init, "data": cfg.data}))
+        atomic_write(path, lambda p: save_file(out, p, {"init": cfg.init, "data": cfg.data,
+                                                        "inputs": json.dumps(inputs)}))
     model.train(was_training)
     return RefCache(path, out)
 
@@ -201,7 +289,7 @@ def load_model(cfg, tok):
         try:  # weights_only: tensors and plain containers, never a pickle that runs code
             state = torch.load(path, weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-            raise ValueError(f"{path}: refused or unreadable (torch.load weights_only=True): {e}") from None
+            raise InputError(f"{path}: refused or unreadable (torch.load weights_only=True): {e}") from None
         return Muffin.from_pretrained(ckpt), state
     if cfg.init:
         return Muffin.from_pretrained(cfg.init), None
@@ -229,26 +317,32 @@ def train(cfg):
     """SFT (teacher-forced NLL of the answers) or DDPO on cfg.data, as cfg.stage says; returns the
     trained model. Under torchrun: data parallel over the ranks, with DDP, or with FSDP2 given --fsdp."""
     rank, world = parallel.setup(cfg)
-    tok_file = cfg.tokenizer or os.path.join(cfg.init, "tokenizer.model")
+    if cfg.init:
+        read_config(cfg.init)  # a directory that is not a checkpoint is refused before anything else
+    tok_file = tokenizer_file(cfg)
+    if not cfg.tokenizer and not os.path.exists(tok_file):
+        raise InputError(f"{cfg.init}: no tokenizer.model in the checkpoint; give --tokenizer")
     tok = Tokenizer.from_pretrained(tok_file)  # with the BOS/EOS/pad the JSON files beside it name
     model, state = load_model(cfg, tok)
     check_tokenizer(tok, model.config, tok_file)  # so no id the data makes can fall outside the embedding
     sharded, ddp = cfg.fsdp and world > 1, not cfg.fsdp and world > 1
-    place(model, cfg, sharded)
     records = Records(cfg.data)
     batcher = Batcher(tok, model.config.n_query, model.config.vision.img_size, cfg.max_len, cfg.gamma,
                       cfg.min_match)
-    ref_cache = reference_logps(model, records, batcher, cfg, rank, world) if cfg.stage == "ddpo" else None
+    preflight(records, batcher, cfg, rank)  # before any work: data no row of which can be used stops here
+    place(model, cfg, sharded)
+    ref_cache = (reference_logps(model, records, batcher, cfg, rank, world, resumed=state is not None)
+                 if cfg.stage == "ddpo" else None)
     if sharded:
         model.reshard()  # FSDP2 leaves the root's gathered weights registered after a forward
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=cfg.weight_decay, fused=cfg.device.startswith("cuda"))
-    step = restore(state, model, opt)
+    step, drawn = restore(state, model, opt, cfg)
     fwd = torch.compile(model) if cfg.compile else model
     fwd = DistributedDataParallel(fwd) if ddp else fwd  # `model` stays unwrapped, for saving
-    data = batches(records, batcher.sft if cfg.stage == "sft" else batcher.pairs, cfg,
-                   step * cfg.grad_accum, rank, world)
+    data = batches(records, batcher.sft if cfg.stage == "sft" else batcher.pairs, cfg, drawn, rank, world)
+    per_epoch = len(records) // (cfg.batch_size * world)
     window, skipped = LogWindow(cfg, model, tok.pad_id, rank, world, step), Counter()
     model.train()
     while step < cfg.steps:
@@ -256,12 +350,17 @@ def train(cfg):
         for group in opt.param_groups:
             group["lr"] = lr
         for micro in range(cfg.grad_accum):
-            batch = next(data)
-            skipped.update(batch.pop("skipped"))
-            if "input_ids" not in batch:  # every row of this micro-batch was skipped
+            # a micro-batch whose every row is skipped is counted and passed over: it is no step
+            for empty in range(per_epoch + 1):
+                if empty == per_epoch:
+                    raise InputError(f"{cfg.data}: no usable row in a whole epoch ({per_epoch} micro-batches): "
+                                     + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())))
+                batch, drawn = next(data), drawn + 1
+                skipped.update(batch.pop("skipped"))
+                if "input_ids" in batch:
+                    break
                 if world > 1:  # the ranks would fall out of step
                     raise RuntimeError(f"rank {rank}, step {step + 1}: every row of a micro-batch was skipped")
-                continue
             if ref_cache is not None:
                 batch["ref_logps"] = ref_cache.logps(batch)
             batch = to_device(batch, cfg.device)
@@ -284,11 +383,12 @@ def train(cfg):
         step += 1
         window.step(step, lr, norm)
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(model, opt, step, cfg, tok_file)
+            save_checkpoint(model, opt, step, cfg, tok_file, drawn=drawn)
     model = parallel.unsharded(model) if sharded else model
     skipped = sum(parallel.gather(skipped, world), Counter())  # every rank's skipped rows
     if rank == 0:
-        save(model, tok_file, cfg.out_dir)
+        if step:  # else it saw no row (--steps=0): nothing was trained, nothing is written
+            save(model, tok_file, cfg.out_dir)
         if skipped:
             print(f"{cfg.stage}: skipped rows: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())))
     return model
@@ -306,16 +406,18 @@ def place(model, cfg, sharded):
         model.to(cfg.device)
 
 
-def restore(state, model, opt):
-    """Optimizer state and RNG of a resumed run into `opt`; -> the step to continue from (0 when new)."""
+def restore(state, model, opt, cfg):
+    """Optimizer state and RNG of a resumed run into `opt`; -> the step to continue from and the
+    micro-batches drawn until then (0, 0 when new)."""
     if state is None:
-        return 0
+        return 0, 0
     if "dcp" in state:  # a sharded checkpoint, saved on any number of ranks
         state = parallel.load_sharded(model, opt, state["dcp"])
     else:
         opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
-    return state["step"]
+    # more than step * grad_accum when micro-batches with no usable row were passed over
+    return state["step"], state.get("drawn", state["step"] * cfg.grad_accum)
 
 
 class LogWindow:
@@ -374,7 +476,7 @@ class LogWindow:
               + f" | {elapsed:.0f}s, eta {eta:.0f}s", flush=True)
 
 
-def save_checkpoint(model, opt, step, cfg, tok_file):
+def save_checkpoint(model, opt, step, cfg, tok_file, drawn=None):
     """<out_dir>/ckpt-<step>/, then the one-line file `latest` points at it (atomically), then
     older checkpoints go: an interruption at any moment leaves a complete checkpoint to resume.
     With --fsdp every rank writes its shards (DCP; dcp.save returns once all are written);
@@ -386,7 +488,8 @@ def save_checkpoint(model, opt, step, cfg, tok_file):
         return
     if not cfg.fsdp:
         save(model, tok_file, os.path.join(cfg.out_dir, name),
-             {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state()})
+             {"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(),
+              "drawn": step * cfg.grad_accum if drawn is None else drawn})
     atomic_write(os.path.join(cfg.out_dir, "latest"), name)
     for old in os.listdir(cfg.out_dir):
         if old.startswith("ckpt-") and old != name:
@@ -397,10 +500,13 @@ def main(argv):
     cfg = cli.parse_args(TrainConfig, argv, paths=("data", "init", "tokenizer"))
     if cfg.stage == "rlhfv":
         from miniature import rlhfv  # the one place the library reaches into the demonstration
+        cfg = rlhfv.settle(cfg, cli.given(argv))  # its own lr, steps, ... under the options given
         (rlhfv.sweep if cfg.seeds else rlhfv.run)(cfg, train)
     elif cfg.stage in ("sft", "ddpo"):
         if not cfg.data or (cfg.stage == "ddpo" and not cfg.init):
             raise cli.UsageError(f"--stage={cfg.stage} needs --data" + (" and --init" if cfg.stage == "ddpo" else ""))
+        if not cfg.init and not cfg.tokenizer:
+            raise cli.UsageError(f"--stage={cfg.stage} from scratch (no --init) needs --tokenizer")
         train(cfg)
         if torch.distributed.is_initialized():
             # all ranks at once: a rank that tears gloo down while rank 0 is still saving can die

@@ -32,6 +32,19 @@ from model import Muffin, autocast, sized
 from sample import PRESETS, generate
 
 
+# The miniature's own values of options whose defaults (TrainConfig's) are the paper's recipe for
+# real models: a model of a few million parameters, trained from SFT for minutes, needs a far larger
+# rate, and its answers are short enough for summed scores. Kept in step with the "miniature: X" of
+# TrainConfig's comments (tests/test_rlhfv.py checks).
+MINIATURE = dict(lr=1.5e-5, average=False, steps=200)
+
+
+def settle(cfg, given=()):
+    """cfg with the miniature's values (MINIATURE) for every option not in `given` (the names given
+    on the command line: cli.given)."""
+    return replace(cfg, **{k: v for k, v in MINIATURE.items() if k not in given})
+
+
 def run(cfg, train):
     """Every stage of the module docstring, each skipped when its output is already on disk.
     cfg: train.py's TrainConfig; train: train.py's training loop, called with one config a stage."""

@@ -32,7 +32,7 @@ def assert_close_at_scale(actual, expected, rel=FP32_REL, msg=None):
 def ddpo_config(tmp_path, dataset, init_ckpt, **kw):
     """A short DDPO run of the tiny model on the `dataset` pairs, in <tmp_path>/run; kw overrides."""
     base = dict(stage="ddpo", data=str(dataset / "pairs.jsonl"), init=str(init_ckpt),
-                out_dir=str(tmp_path / "run"), steps=4, batch_size=4, lr=1e-3, warmup=0.0,
+                out_dir=str(tmp_path / "run"), steps=4, batch_size=4, lr=1e-3, warmup=0.0, average=False,
                 log_every=1, save_every=100, device="cpu")
     return train.TrainConfig(**{**base, **kw})
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import data
+from cli import InputError
 from data import STOP, Batcher, Records, Tokenizer, answer_ids, image_tensor, load_image, prompt_ids
 
 
@@ -168,11 +169,11 @@ def test_text_only_rows_batch_with_image_rows(tok, tmp_path):
     text = prompt_ids(tok, "Q?", 0)
     assert tok.decode(text) == f"{data.SYSTEM}\n\n### Human: Q?\n### Assistant:"
     assert not {tok.im_patch_id, tok.im_start_id, tok.im_end_id} & set(text)
-    batch = Batcher(tok, n_query=8, image_size=16, max_len=512).pairs([items[1], items[0], items[2]])
+    batch = Batcher(tok, n_query=8, image_size=16, max_len=512, gamma=1.0).pairs([items[1], items[0], items[2]])
     assert batch["image_index"].tolist() == [-1, 0, -1] * 2 and batch["images"].shape == (1, 3, 16, 16)
     assert batch["input_ids"][0, :len(text)].tolist() == text
     assert (batch["input_ids"] == tok.im_patch_id).sum(1).tolist() == [0, 8, 0] * 2
-    batch = Batcher(tok, n_query=8, image_size=16, max_len=512).sft([{**items[2], "answer": "A."}])
+    batch = Batcher(tok, n_query=8, image_size=16, max_len=512, gamma=1.0).sft([{**items[2], "answer": "A."}])
     assert batch["images"] is None and batch["image_index"].tolist() == [-1]
 
 
@@ -183,11 +184,11 @@ def test_truncation_and_skips(tok, dataset, tmp_path):
     rows = Records(dataset / "pairs.jsonl")
     item = rows[0]
     limit = len(prompt_ids(tok, item["question"], 8)) + 5
-    batch = Batcher(tok, 8, 32, max_len=limit).pairs([item])
+    batch = Batcher(tok, 8, 32, max_len=limit, gamma=1.0).pairs([item])
     assert (batch["labels"][0] != -100).sum() == 5
     assert (batch["input_ids"][0] == tok.im_patch_id).sum() == 8
     bad = [{**item, "rejected": item["chosen"]}, {**item, "question": " "}, {"error": "x.jsonl:3: gone"}]
-    batch = Batcher(tok, 8, 32, max_len=limit - 5).pairs([item] + bad)
+    batch = Batcher(tok, 8, 32, max_len=limit - 5, gamma=1.0).pairs([item] + bad)
     assert "input_ids" not in batch
     assert batch["skipped"] == {"prompt longer than max_len": 1, "chosen == rejected": 1,
                                 "empty question": 1, "unreadable row": 1}
@@ -244,7 +245,7 @@ def test_jsonl_reader(tmp_path):
 def test_parquet_without_pyarrow_says_how_to_convert(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)
     monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
-    with pytest.raises(SystemExit, match="pip install pyarrow"):
+    with pytest.raises(InputError, match="pip install pyarrow"):
         Records(tmp_path / "RLHF-V-Dataset.parquet")
 
 

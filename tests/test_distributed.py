@@ -107,8 +107,8 @@ def test_sharded_checkpoint_resumes_on_1_and_on_2_ranks(setup):
 if __name__ == "__main__":  # one rank, under torchrun
     stop_after, save = int(os.environ.get("STOP_AFTER", 0)), train.save_checkpoint
 
-    def save_then_die(model, opt, step, cfg, tok_file):
-        save(model, opt, step, cfg, tok_file)
+    def save_then_die(model, opt, step, cfg, tok_file, **kw):
+        save(model, opt, step, cfg, tok_file, **kw)
         if step == stop_after:
             raise SystemExit(3)
 

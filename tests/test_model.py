@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from cli import InputError
 from conftest import assert_close_at_scale
 from model import CONFIGS, Attention, LLaMA, Muffin, apply_rope, rope_tables
 from vision import BEiT3Config
@@ -386,7 +387,7 @@ def test_release_im_patch_id_from_added_tokens_else_tokenizer_else_vocabulary(tm
     write_json(tmp_path / "added_tokens.json", {"[PAD]": 400, "<im_patch>": 402})
     loaded = Muffin.from_pretrained(tmp_path)
     assert loaded.config.im_patch_id == 402
-    with pytest.raises(SystemExit, match=re.escape(f"402 (<im_patch> from {tmp_path / 'added_tokens.json'})")):
+    with pytest.raises(InputError, match=re.escape(f"402 (<im_patch> from {tmp_path / 'added_tokens.json'})")):
         check_tokenizer(tok, loaded.config, "tok.model")
 
 

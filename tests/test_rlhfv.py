@@ -3,6 +3,7 @@ report shows what the scorer and the DDPO loss see, and the evaluation decodes g
 to decode as RLHF-V did."""
 import json
 import os
+import re
 import shutil
 from dataclasses import replace
 from html.parser import HTMLParser
@@ -10,6 +11,7 @@ from html.parser import HTMLParser
 import pytest
 from safetensors import safe_open
 
+import cli
 import ddpo
 from miniature import report
 from miniature import rlhfv
@@ -22,11 +24,27 @@ from data import Tokenizer, answer_ids, prompt_ids
 def toy(tmp_path_factory):
     """One toy run, through the sweep (--seeds=0): the run itself is in <out_dir>/seed0."""
     out = tmp_path_factory.mktemp("toy")
-    cfg = train.TrainConfig(out_dir=str(out), model="tiny", image_size=32, n_train=64, n_test=12,
-                            vision_steps=20, sft_steps=150, sft_lr=3e-3, steps=2, batch_size=4, log_every=1,
-                            device="cpu", ablation=True, seeds="0")
+    given = dict(out_dir=str(out), model="tiny", image_size=32, n_train=64, n_test=12, vision_steps=20,
+                 sft_steps=150, sft_lr=3e-3, steps=2, batch_size=4, log_every=1, device="cpu", ablation=True,
+                 seeds="0")
+    cfg = rlhfv.settle(train.TrainConfig(**given), given)  # as train.py's main does for stage rlhfv
     rlhfv.sweep(cfg, train.train)
     return replace(cfg, out_dir=str(out / "seed0"), seeds="")
+
+
+def test_the_miniature_sets_its_own_values_under_the_options_given():
+    """TrainConfig's defaults are the paper's; stage rlhfv takes MINIATURE's for the options not on
+    the command line, and --help names the miniature's value beside each default it changes."""
+    assert (train.TrainConfig.lr, train.TrainConfig.average, train.TrainConfig.steps) == (5e-7, True, 320)
+    argv = ["--lr=1e-4", "--seed=3"]
+    cfg = rlhfv.settle(cli.parse_args(train.TrainConfig, argv), cli.given(argv))
+    assert (cfg.lr, cfg.average, cfg.steps, cfg.seed) == (1e-4, False, 200, 3)
+    help_lines = cli.help_text(train.TrainConfig).splitlines()
+    for key, value in rlhfv.MINIATURE.items():
+        line = next(line for line in help_lines if line.strip().startswith(f"--{key}="))
+        named = re.search(r"miniature: ([\w.+-]+)", line)
+        assert named and (named.group(1) == str(value) if type(value) is bool
+                          else type(value)(named.group(1)) == value), line
 
 
 def test_each_query_learns_what_its_cell_holds_which_cell_and_which_object():

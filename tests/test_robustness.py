@@ -8,6 +8,8 @@ import dataclasses
 import io
 import json
 import os
+import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -161,7 +163,7 @@ def test_empty_answers_are_skipped_and_counted(tok, dataset):
     """Empty or blank chosen / rejected / answer: skipped and counted by reason (empty question,
     chosen == rejected, prompt > max_len and unreadable rows are in test_data.py)."""
     item = Records(dataset / "pairs.jsonl")[0]
-    b = Batcher(tok, 8, 32, max_len=512)
+    b = Batcher(tok, 8, 32, max_len=512, gamma=1.0)
     batch = b.pairs([item, {**item, "chosen": ""}, {**item, "rejected": " \n"},
                      {k: v for k, v in item.items() if k != "rejected"}])
     assert len(batch["sample_ids"]) == 1 and batch["skipped"] == {"empty chosen": 1, "empty rejected": 2}
@@ -169,25 +171,12 @@ def test_empty_answers_are_skipped_and_counted(tok, dataset):
     assert b.sft([sft, {**sft, "answer": "  "}])["skipped"] == {"empty answer": 1}
 
 
-def test_a_run_counts_skipped_rows_and_survives_a_batch_with_none_left(tmp_path, dataset, init_ckpt, capsys):
-    """With batch_size 1 a skipped row leaves a micro-batch (and a log window) empty: the step
-    changes nothing, no log line is written for it, and the skips are reported when the run ends."""
-    rows = good_rows(dataset, 2)
-    data = pairs_file(tmp_path / "d.jsonl", dataset, rows + [{**rows[0], "rejected": rows[0]["chosen"]}])
-    with open(data, "a") as f:
-        f.write(json.dumps({**rows[1], "image": "missing.png"}) + "\n")
-    train.train(config(tmp_path, dataset, init_ckpt, data=str(data), batch_size=1))
-    assert "ddpo: skipped rows: 1 chosen == rejected, 1 unreadable row" in capsys.readouterr().out
-    with open(tmp_path / "run" / "log.jsonl") as f:
-        assert len(f.readlines()) == 2  # 4 steps of 1 row; 2 rows usable
-
-
 def test_unusable_data_files_are_errors(tmp_path):
     """An empty file (or one with fewer rows than a batch) and an unknown extension: errors naming
     the file. (A parquet file without pyarrow installed: test_data.py.)"""
     (tmp_path / "empty.jsonl").write_text("\n")
     cfg = train.TrainConfig(batch_size=2)
-    with pytest.raises(SystemExit, match=f"{tmp_path / 'empty.jsonl'}: 0 rows, fewer than one batch"):
+    with pytest.raises(cli.InputError, match=f"{tmp_path / 'empty.jsonl'}: 0 rows, fewer than one batch"):
         next(train.batches(Records(tmp_path / "empty.jsonl"), list, cfg, 0))
     with pytest.raises(ValueError, match=f"{tmp_path / 'pairs.csv'}: unknown data format"):
         Records(tmp_path / "pairs.csv")
@@ -220,9 +209,9 @@ def test_tokens_outside_the_vocabulary_are_refused_before_the_model(tmp_path, to
     other.save_pretrained(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "tokenizer.model").write_bytes(tok.sp.serialized_model_proto())
     msg = f"{tmp_path / 'ckpt' / 'tokenizer.model'} does not match the model: {tok.vocab_size} tokens"
-    with pytest.raises(SystemExit, match=msg):
+    with pytest.raises(cli.InputError, match=msg):
         train.train(config(tmp_path, dataset, tmp_path / "ckpt"))
-    with pytest.raises(SystemExit, match=msg):
+    with pytest.raises(cli.InputError, match=msg):
         sample.main([f"--ckpt={tmp_path / 'ckpt'}", f"--image={dataset / 'images' / '0.png'}", "--device=cpu"])
     with pytest.raises(IndexError):
         Muffin.from_pretrained(init_ckpt)(torch.tensor([[tok.vocab_size]]))
@@ -278,6 +267,7 @@ def test_help_names_every_option_with_its_type_default_and_comment(program, cls,
     (["train.py", "--rounds=0"], "train.py: --rounds=0: must be at least 1 and at most --steps=200"),
     (["train.py", "--steps=2", "--rounds=3"], "train.py: --rounds=3: must be at least 1 and at most --steps=2"),
     (["bench.py", "--iters"], "bench.py: --iters expects int, got ''"),
+    (["bench.py", "--shape=huge"], "bench.py: unknown --shape=huge; valid: "),
 ])
 def test_command_line_mistakes_are_one_line_with_status_2(args, message, monkeypatch, capsys):
     """A path that does not exist or a bad value: one line naming the option, exit status 2, no
@@ -303,8 +293,8 @@ def test_a_reference_cache_from_another_max_len_is_refused(tmp_path, tok, datase
     model = Muffin.from_pretrained(init_ckpt).eval()
     records = Records(data)
     n = model.config.n_query
-    ref = train.reference_logps(model, records, Batcher(tok, n, 32, max_len=512), cfg)
-    short = Batcher(tok, n, 32, max_len=len(prompt_ids(tok, records[0]["question"], n)) + 3)
+    ref = train.reference_logps(model, records, Batcher(tok, n, 32, max_len=512, gamma=1.0), cfg)
+    short = Batcher(tok, n, 32, max_len=len(prompt_ids(tok, records[0]["question"], n)) + 3, gamma=1.0)
     with pytest.raises(ValueError, match=rf"ref_logps.safetensors: sample {records[0]['id']} has \d+/\d+ "
                                          r"cached tokens but 3/3 now \(another tokenizer or max_len\?\)"):
         ref.logps(short.pairs([records[0]]))
@@ -326,9 +316,9 @@ def test_a_non_finite_step_is_not_applied_and_the_checkpoint_survives(tmp_path, 
         calls.append(1)
         return (loss * bad if len(calls) == 2 else loss), metrics
 
-    def snapshot(model, opt, step, cfg, tok_file):
+    def snapshot(model, opt, step, cfg, tok_file, **kw):
         saved.update(model=model, weights={k: v.clone() for k, v in model.state_dict().items()})
-        save_checkpoint(model, opt, step, cfg, tok_file)
+        save_checkpoint(model, opt, step, cfg, tok_file, **kw)
 
     monkeypatch.setattr(train, "forward_loss", poisoned)
     monkeypatch.setattr(train, "save_checkpoint", snapshot)
@@ -417,7 +407,7 @@ def test_sigkill_then_resume_logs_the_losses_of_an_uninterrupted_run(tmp_path, d
     out = tmp_path / "cut"
     args = [sys.executable, "train.py", "--stage=ddpo", f"--data={data}", f"--init={init_ckpt}",
             f"--out_dir={out}", "--steps=6", "--batch_size=1", "--lr=1e-3", "--warmup=0",
-            "--log_every=1", "--save_every=2", "--device=cpu"]
+            "--log_every=1", "--save_every=2", "--device=cpu", "--average=False"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (out / "latest").exists() and proc.poll() is None and time.time() < deadline:
@@ -435,3 +425,146 @@ def test_sigkill_then_resume_logs_the_losses_of_an_uninterrupted_run(tmp_path, d
     assert [r["step"] for r in logged[:resumed_from]] == list(range(1, resumed_from + 1))  # appended
     assert [r["step"] for r in after] == list(range(resumed_from + 1, 7))
     assert [r["loss"] for r in after] == [expected[r["step"]] for r in after]
+
+
+# ------------------------------------------------------------------ wrong files, one line each
+
+@pytest.fixture
+def wrong(tmp_path, dataset, init_ckpt):
+    """Files that are not what an option expects, beside the right ones: {name: path}."""
+    notes, empty = tmp_path / "notes.txt", tmp_path / "empty"
+    notes.write_text("milk, eggs\n")
+    empty.mkdir()
+    paths = dict(pairs=dataset / "pairs.jsonl", sft=dataset / "sft.jsonl", image=dataset / "images" / "0.png",
+                 init=init_ckpt, notes=notes, empty=empty, csv=tmp_path / "pairs.csv", out=tmp_path / "run")
+    paths["csv"].write_text("image,question\n")
+    for name, damage in (("no_weights", "remove"), ("cut_weights", "truncate"), ("no_tokenizer", "no_tok")):
+        ckpt = tmp_path / name
+        shutil.copytree(init_ckpt, ckpt)
+        weights = ckpt / "model.safetensors"
+        if damage == "remove":
+            weights.unlink()
+        elif damage == "truncate":
+            weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+        else:
+            (ckpt / "tokenizer.model").unlink()
+        paths[name] = ckpt
+    blob = base64.b64encode(b"not an image").decode()  # RLHF-V-Hall's 7 columns, no image decodes
+    text = base64.b64encode(json.dumps(["Describe.", "A cat.", "A dog."]).encode()).decode()
+    paths["tsv"] = tmp_path / "hall.tsv"
+    paths["tsv"].write_text("".join(f"{i}\t{blob}\t{text}\tx\tx\tx\tx\n" for i in range(8)))
+    return paths
+
+
+TRAIN = "train.py --steps=2 --batch_size=4 --device=cpu --out_dir={out} "
+SAMPLE = "sample.py --device=cpu --max_new_tokens=2 "
+
+
+@pytest.mark.parametrize("command, named, says", [
+    # data whose rows do not fit the stage, or of which no row can be used
+    (TRAIN + "--stage=sft --data={pairs} --init={init}", "pairs", "no usable row for --stage=sft in its 16 rows: "
+     "16 empty answer; --stage=sft reads question/answer; these rows have chosen/rejected: DDPO pairs?"),
+    (TRAIN + "--stage=ddpo --data={sft} --init={init}", "sft", "no usable row for --stage=ddpo in its 16 rows: "
+     "16 empty chosen; --stage=ddpo reads question/chosen/rejected; these rows have answer: SFT data?"),
+    (TRAIN + "--stage=ddpo --data={tsv} --init={init}", "tsv", "no usable row for --stage=ddpo in its 8 rows: "
+     "8 unreadable row; the first: "),
+    # a file that is not what the option expects
+    (TRAIN + "--stage=ddpo --data={csv} --init={init}", "csv", "unknown data format"),
+    (TRAIN + "--stage=ddpo --data={empty} --init={init}", "empty", "a directory; expected a data file"),
+    (TRAIN + "--stage=ddpo --data={pairs} --init={empty}", "empty", "no config.json: not a checkpoint directory"),
+    (TRAIN + "--stage=ddpo --data={pairs} --init={notes}", "notes", "not a directory; a checkpoint is a directory"),
+    (TRAIN + "--stage=ddpo --data={pairs} --init={no_weights}", "no_weights", "no weights (model.safetensors"),
+    (TRAIN + "--stage=ddpo --data={pairs} --init={cut_weights}", "cut_weights", "unreadable as safetensors"),
+    (TRAIN + "--stage=ddpo --data={pairs} --init={no_tokenizer}", "no_tokenizer", "no tokenizer.model in the "
+     "checkpoint; give --tokenizer"),
+    (TRAIN + "--stage=ddpo --data={pairs} --init={init} --tokenizer={notes}", "notes", "not a SentencePiece model"),
+    (SAMPLE + "--ckpt={empty} --image={image}", "empty", "no config.json: not a checkpoint directory"),
+    (SAMPLE + "--ckpt={cut_weights} --image={image}", "cut_weights", "unreadable as safetensors"),
+    (SAMPLE + "--ckpt={no_tokenizer} --image={image}", "no_tokenizer", "no tokenizer.model in the checkpoint"),
+    (SAMPLE + "--ckpt={init} --image={notes}", "notes", "UnidentifiedImageError"),
+    (SAMPLE + "--ckpt={init} --image={empty}", "empty", "IsADirectoryError"),
+    (SAMPLE + "--ckpt={init} --image={image} --tokenizer={notes}", "notes", "not a SentencePiece model"),
+])
+def test_a_wrong_file_is_one_line_with_status_1_and_no_model(command, named, says, wrong, monkeypatch, capsys):
+    """(program x wrong input): exit status 1, one line on stderr (no traceback) that names the file
+    and says what was expected, nothing on stdout; a training run writes no model. In-process
+    through cli.run, the programs' entry point; test_a_wrong_file_is_refused_as_a_real_process runs
+    one of them as a process."""
+    argv = command.format(**wrong).split()
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        cli.run({"train.py": train.main, "sample.py": sample.main}[argv[0]])
+    out = capsys.readouterr()
+    assert e.value.code == 1 and out.out == "", out.out
+    assert out.err.startswith(f"{argv[0]}: ") and out.err.count("\n") == 1, out.err
+    assert str(wrong[named]) in out.err and says in out.err, out.err
+    assert not os.path.exists(wrong["out"] / "model.safetensors")
+
+
+def test_a_wrong_file_is_refused_as_a_real_process(wrong):
+    """The same as a program run at a terminal: status 1, one line, no "Traceback"."""
+    proc = run_cli("train.py", "--stage=sft", f"--data={wrong['pairs']}", f"--init={wrong['init']}",
+                   f"--out_dir={wrong['out']}", "--device=cpu", "--batch_size=4")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{wrong['pairs']}: no usable row for --stage=sft" in proc.stderr
+    assert not os.path.exists(wrong["out"] / "model.safetensors")
+
+
+def test_a_genuine_bug_keeps_its_traceback(monkeypatch):
+    """cli.run turns only InputError and UsageError into one line: anything else is a bug in the
+    program, and its traceback is what a report of it needs."""
+    def broken(argv):
+        raise KeyError("a bug")
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    with pytest.raises(KeyError):
+        cli.run(broken)
+
+
+def test_some_bad_rows_warn_before_training_and_an_empty_micro_batch_is_no_step(tmp_path, dataset, init_ckpt,
+                                                                                capsys):
+    """Half the rows unusable: said on stderr before the first step (the share, the reasons, the
+    first bad row); with batch_size 1 a micro-batch whose row is skipped is passed over, so each of
+    the 4 steps trains on a row and logs; the skips are counted at the end."""
+    rows = good_rows(dataset, 2)
+    data = pairs_file(tmp_path / "d.jsonl", dataset, rows + [{**rows[0], "rejected": rows[0]["chosen"]}])
+    with open(data, "a") as f:
+        f.write(json.dumps({**rows[1], "image": "missing.png"}) + "\n")
+    train.train(config(tmp_path, dataset, init_ckpt, data=str(data), batch_size=1))
+    out = capsys.readouterr()
+    assert out.err.startswith(f"warning: {data}: 2 of its 4 rows will be skipped (1 chosen == rejected, "
+                              f"1 unreadable row); the first: {data}:3") and out.err.count("\n") == 1, out.err
+    assert "ddpo: skipped rows: " in out.out and "chosen == rejected" in out.out and "unreadable row" in out.out
+    with open(tmp_path / "run" / "log.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
+    assert os.path.exists(tmp_path / "run" / "model.safetensors")
+
+
+def test_a_second_init_into_the_same_out_dir_does_not_use_the_first_reference(tmp_path, dataset, init_ckpt,
+                                                                             tok, capsys):
+    """The reference cache records its inputs. A DDPO run from another --init into the first run's
+    --out_dir computes the reference again, from its own model (the cache equals a fresh one's),
+    saying which input changed; a resumed run cannot (its model is no longer the initial one) and
+    stops in one line; another gamma (as the miniature's vanilla-DPO arm shares the cache) reuses it."""
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    Muffin(sized("tiny", tok.vocab_size, tok.im_patch_id)).init_weights().save_pretrained(other)
+    shutil.copy(init_ckpt / "tokenizer.model", other / "tokenizer.model")
+    first = config(tmp_path, dataset, init_ckpt, steps=1)
+    train.train(first)
+    cache = tmp_path / "run" / "ref_logps.safetensors"
+    second = dataclasses.replace(first, init=str(other))
+    train.train(second)
+    assert (f"{cache}: computed from another --init={other}, tokenizer {other / 'tokenizer.model'}: computing it "
+            "again") in capsys.readouterr().out
+    fresh = dataclasses.replace(second, out_dir=str(tmp_path / "fresh"))
+    train.train(fresh)
+    from safetensors.torch import load_file
+    assert load_file(cache).keys() == load_file(tmp_path / "fresh" / "ref_logps.safetensors").keys()
+    for k, v in load_file(tmp_path / "fresh" / "ref_logps.safetensors").items():
+        torch.testing.assert_close(load_file(cache)[k], v, rtol=0, atol=0)
+    stamp = os.stat(cache).st_mtime_ns
+    train.train(dataclasses.replace(second, gamma=1.0))
+    assert "computing it again" not in capsys.readouterr().out and os.stat(cache).st_mtime_ns == stamp
+    with pytest.raises(cli.InputError, match=re.escape(f"{cache}: computed from another --init={init_ckpt}, ")
+                       + ".*; a resumed run cannot compute it again"):
+        train.train(dataclasses.replace(first, steps=2, resume=True))

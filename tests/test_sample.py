@@ -295,11 +295,31 @@ def test_rlhfv_preset_decodes_as_the_papers_evaluation(tok, dataset, init_ckpt, 
     assert options["early_stopping"] is False and dtype == torch.bfloat16 and weights == {torch.bfloat16}
 
 
+def test_rlhfv_preset_says_its_prompt_is_not_the_template_and_template_train_keeps_it(
+        tok, dataset, init_ckpt, monkeypatch, capsys):
+    """The preset's prompt is not the one train.py's models learnt: a line on stderr says so (the
+    answer alone goes to stdout); --template=train keeps the preset's decoding with the template,
+    and then nothing needs saying."""
+    seen = []
+    monkeypatch.setattr(sample, "generate_ids", lambda model, prompts, stop, feats, **options:
+                        seen.append((prompts, options)) or [tok.encode(" a red square\n###")])
+    argv = [f"--ckpt={init_ckpt}", f"--image={dataset / 'images' / '0.png'}", "--preset=rlhfv", "--device=cpu"]
+    sample.main(argv)
+    out = capsys.readouterr()
+    assert out.out == "a red square\n" and "--template=train" in out.err and len(out.err.splitlines()) == 1
+    sample.main(argv + ["--template=train"])
+    out = capsys.readouterr()
+    assert out.out == "a red square\n" and out.err == ""
+    assert seen[1][0] == [prompt_ids(tok, "Describe the image in detail.", 9)]
+    assert seen[1][1]["num_beams"] == 3
+
+
 @pytest.mark.parametrize("arg, message", [
     ("--num_beams=0", "--num_beams=0: valid: 1 (greedy or sampled) or more (beams)"),
     ("--repetition_penalty=-1.1", "--repetition_penalty=-1.1: valid: > 0 (1: none)"),
     ("--dtype=fp8", "--dtype=fp8: valid: bfloat16 float16 float32"),
     ("--preset=llava", "--preset=llava: valid: rlhfv (or none)"),
+    ("--template=chat", "--template=chat: valid: train eval"),
     ("--max_new_tokens=0", "--max_new_tokens=0: valid: 1 or more"),
     ("--top_p=0", "--top_p=0.0: valid: > 0 and <= 1"),
 ])

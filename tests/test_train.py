@@ -56,8 +56,8 @@ def test_resume_reproduces_the_losses(tmp_path, dataset, init_ckpt, monkeypatch)
     train.train(config(tmp_path / "full", dataset, init_ckpt, steps=6))
     save = train.save_checkpoint
 
-    def save_then_die(model, opt, step, cfg, tok_file):
-        save(model, opt, step, cfg, tok_file)
+    def save_then_die(model, opt, step, cfg, tok_file, **kw):
+        save(model, opt, step, cfg, tok_file, **kw)
         if step == 3:
             raise KeyboardInterrupt
 
