@@ -157,8 +157,9 @@ def read_settings(path):
     with open(file) as f:
         d = json.load(f)
     for key, plain in (("peft_type", "LORA"), ("bias", "none"), ("use_dora", False), ("use_rslora", False),
-                       ("fan_in_fan_out", False), ("rank_pattern", {}), ("alpha_pattern", {})):
-        if d.get(key, plain) != plain and d.get(key) is not None:
+                       ("fan_in_fan_out", False), ("rank_pattern", {}), ("alpha_pattern", {}),
+                       ("lora_bias", False)):
+        if d.get(key) not in (plain, None):
             raise ValueError(f"{file}: {key}={d[key]!r} is not supported (expected {plain!r})")
     targets = d["target_modules"]
     targets = [targets] if isinstance(targets, str) else targets
