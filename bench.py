@@ -152,18 +152,20 @@ def generate(model, ids, images, n, step, beams=1, compile=False):
 
 def saved_bytes(fn, model):
     """Bytes of the tensors autograd saves for backward while fn() runs: each storage once, the
-    model's own weights left out (they are counted as states)."""
+    model's own weights left out (they are counted as states). Each is held until fn returns, so
+    that memory freed meanwhile (a discarded branch of the graph) cannot come back under a counted
+    address and go uncounted."""
     weights, seen = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}
 
     def pack(t):
         storage = t.untyped_storage()
         if storage.data_ptr() not in weights:
-            seen[storage.data_ptr()] = storage.nbytes()
+            seen[storage.data_ptr()] = storage
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return sum(seen.values())
+    return sum(s.nbytes() for s in seen.values())
 
 
 def state_bytes(model):

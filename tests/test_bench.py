@@ -63,3 +63,14 @@ def test_lora_row_counts_the_states_of_what_trains():
     assert full["states MiB"] * 2**20 == 16 * P
     assert adapted["states MiB"] * 2**20 == 4 * (P + A) + 12 * A
     assert 0 < adapted["saved MiB"] < full["saved MiB"]
+
+
+def test_plan_per_block_bytes_of_lora_dropout():
+    """--plan measures what autograd saves per token and decoder block. LoRA's dropout adds, for each
+    of the 7 adapted Linears, its input's dropped-out bf16 copy and the bool mask (3 bytes per
+    element): inputs of width h for q, k, v, o, gate, up and i for down, so 3 (6h + i) bytes."""
+    out = bench.plan(bench.BenchConfig(plan="tiny", lora_rank=4))
+    h, i = CONFIGS["tiny"].llm.hidden_size, CONFIGS["tiny"].llm.intermediate_size
+    a = {k: v["a (B/token/block)"] for k, v in out.items()}
+    assert a["lora4 dropout 0.05"] - a["lora4"] == 3 * (6 * h + i)
+    assert 0 < a["lora4"] < a["full"]
