@@ -374,6 +374,8 @@ class LogWindow:
         self.cfg, self.pad_id, self.rank, self.world = cfg, pad_id, rank, world
         self.peak, self.t_start, self.start_step = peak_flops(cfg.device), time.time(), step
         self.per_token, self.per_image = train_flops(model, 1, 0), train_flops(model, 0, 1)
+        if hasattr(model, "lora"):  # no weight gradients: 4 FLOPs per frozen weight per token; tower forward only
+            self.per_token, self.per_image = self.per_token * 2 / 3, self.per_image / 3
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
         self.reset()
