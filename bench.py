@@ -6,6 +6,8 @@ named shapes, optionally against transformers' LlamaForCausalLM. Prints one tabl
     python bench.py --shape=llama-1.1b --grad_ckpt  # the step with activation checkpointing off and on
     python bench.py --compile                       # torch.compile the step's forward and the decode step
     python bench.py --compare                       # + transformers (no dependency: pip install it)
+    python bench.py --lora_rank=64                  # + the step with LoRA adapters (base frozen): memory beside full
+    python bench.py --plan=muffin-13b --lora_rank=64  # activation bytes per token of the real width (docs/one-gpu.md)
     python bench.py --shape=tiny --compare          # all of it on a CPU, in seconds
 
 Each number is the median of --iters runs after --warmup untimed ones (allocation, optimizer state,
@@ -14,6 +16,10 @@ compilation), perf_counter after torch.cuda.synchronize. Weights are random, mad
           log-probs) + backward + grad clip + AdamW (fused on CUDA); bf16 autocast on CUDA, fp32 on a CPU.
           MFU = model.train_flops / time / model.peak_flops; GiB = torch.cuda.max_memory_allocated;
           both n/a on a CPU (no peak FLOP/s to divide by, no allocator statistics).
+          saved MiB = the bytes autograd keeps for backward (saved-tensor hooks; any device; weights
+          excluded); states MiB = weights + gradients + AdamW moments of what trains. With --lora_rank
+          a row +lora<r>: adapters on the decoder blocks' Linears, every other weight frozen (bf16 on
+          CUDA); its MFU counts 4 FLOPs per frozen weight per token (no weight gradient), tower forward only.
   ref     the same forward under no_grad, to per-token log-probs, as train.reference_logps runs it.
   decode  sample.generate's prefill, then greedy sample.decode_step at batch 1 and 8 (bf16 weights on
           CUDA). tok/s = batch x (N - 1) / (time of N tokens - time of 1): the prefill drops out.
@@ -35,6 +41,7 @@ import torch
 
 import cli
 import ddpo
+import lora
 import sample
 from model import CONFIGS, LLaMA, Muffin, autocast, peak_flops, train_flops
 from train import TrainConfig, forward_loss
@@ -48,7 +55,7 @@ SHAPES = {
     "llama-1.1b-mm": (replace(CONFIGS["llama-1.1b"], im_patch_id=31999), True,
                       dict(rows=8, seq=1024, prompt=128, new_tokens=128)),
 }
-COLUMNS = ("step tok/s", "pairs/s", "MFU", "step GiB", "ref tok/s",
+COLUMNS = ("step tok/s", "pairs/s", "MFU", "step GiB", "saved MiB", "states MiB", "ref tok/s",
            "dec@1 tok/s", "dec@1 GB/s", "dec@8 tok/s", "dec@8 GB/s", "beam3@1 tok/s")
 
 
@@ -64,6 +71,8 @@ class BenchConfig:
     grad_ckpt: bool = False  # also time the step with activation checkpointing
     compile: bool = False
     compare: bool = False    # also transformers' LlamaForCausalLM, imported only then
+    lora_rank: int = 0       # also the step with LoRA adapters of this rank (train.py --lora_rank)
+    plan: str = ""           # a named config: activation bytes per token at 1 and 2 decoder blocks of its width
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -141,21 +150,45 @@ def generate(model, ids, images, n, step, beams=1, compile=False):
     return token
 
 
-def bench_model(label, model, forward, generate_n, set_ckpt, flops, c, vision, cfg):
+def saved_bytes(fn, model):
+    """Bytes of the tensors autograd saves for backward while fn() runs: each storage once, the
+    model's own weights left out (they are counted as states). Each is held until fn returns, so
+    that memory freed meanwhile (a discarded branch of the graph) cannot come back under a counted
+    address and go uncounted."""
+    weights, seen = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(s.nbytes() for s in seen.values())
+
+
+def state_bytes(model):
+    """Weights, and for each trained tensor its gradient and AdamW's two moments (its dtype)."""
+    return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
+
+
+def bench_model(label, model, forward, generate_n, set_ckpt, flops, c, vision, cfg, step_only=False):
     """The table rows of one model. forward(ids, images, image_index) -> logits serves the step and
     the reference pass; generate_n(ids, images, n, beams) generates n tokens; set_ckpt(bool) toggles activation
-    checkpointing. The model is left in bf16 on CUDA."""
+    checkpointing. The model is left in bf16 on CUDA. step_only: the step's rows alone."""
     cuda, tcfg, peak = cfg.device.startswith("cuda"), TrainConfig(stage="ddpo"), peak_flops(cfg.device)
     batch, tokens = ddpo_batch(c, vision, cfg.rows, cfg.seq, cfg.device), cfg.rows * cfg.seq
     fwd = torch.compile(forward) if cfg.compile else forward
     call = lambda ids, images, image_index: fwd(ids, images, image_index)  # forward_loss passes keywords
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, fused=cuda)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=tcfg.lr, fused=cuda)
 
     def step():
         with autocast(cfg.device):
             loss, _ = forward_loss(call, batch, tcfg)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trained, tcfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -166,10 +199,20 @@ def bench_model(label, model, forward, generate_n, set_ckpt, flops, c, vision, c
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t = median_time(step, cfg)
+
+        def saved_forward():
+            with autocast(cfg.device):
+                forward_loss(call, batch, tcfg)
+
         rows.append((label + " +grad_ckpt" * ckpt, {
             "step tok/s": tokens / t, "pairs/s": cfg.rows / 2 / t, "MFU": peak and flops / t / peak,
-            "step GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}))
+            "step GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            # with --grad_ckpt the checkpoints keep their block inputs out of the hooks' sight: n/a
+            "saved MiB": None if ckpt else saved_bytes(saved_forward, model) / 2**20,
+            "states MiB": state_bytes(model) / 2**20}))
     set_ckpt(False)
+    if step_only:
+        return rows
     del opt  # its moments would otherwise sit in memory through the passes below
     model.eval()
 
@@ -196,7 +239,7 @@ def bench_model(label, model, forward, generate_n, set_ckpt, flops, c, vision, c
     return rows
 
 
-def ours(label, model, c, vision, cfg):
+def ours(label, model, c, vision, cfg, step_only=False):
     """Our Muffin or LLaMA through bench_model; returns its rows and its FLOPs per step."""
     step = sample.decode_step  # compiled as sample.generate compiles it
     step = torch.compile(step, mode="reduce-overhead", fullgraph=True) if cfg.compile else step
@@ -205,9 +248,12 @@ def ours(label, model, c, vision, cfg):
     else:
         forward = lambda ids, images, index: model(ids)
     flops = train_flops(model, cfg.rows * cfg.seq, cfg.rows // 2 if vision else 0)
+    if hasattr(model, "lora"):  # no weight gradients: 4 FLOPs per weight per token, the tower's forward only
+        decoder = train_flops(model, cfg.rows * cfg.seq, 0)
+        flops = decoder * 2 / 3 + (flops - decoder) / 3
     generate_n = lambda ids, images, n, beams=1: generate(model, ids, images, n, step, beams, cfg.compile)
     set_ckpt = lambda on: setattr(model, "grad_checkpointing", on)
-    return bench_model(label, model, forward, generate_n, set_ckpt, flops, c, vision, cfg), flops
+    return bench_model(label, model, forward, generate_n, set_ckpt, flops, c, vision, cfg, step_only), flops
 
 
 def theirs(label, path, probe, flops, c, cfg):
@@ -241,13 +287,21 @@ def run_shape(cfg, compared):
     c, vision, _ = SHAPES[cfg.shape]
     compare = cfg.compare and repr(c.llm) not in compared
     compared.add(repr(c.llm))
-    runs = [(cfg.shape, vision)] + ([(f"{cfg.shape} decoder", False)] if compare and vision else [])
+    runs = ([(cfg.shape, vision, False)] + ([(f"{cfg.shape} +lora{cfg.lora_rank}", vision, True)] if cfg.lora_rank else [])
+            + ([(f"{cfg.shape} decoder", False, False)] if compare and vision else []))
     table = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, v in runs:
+        for name, v, adapters in runs:
             torch.manual_seed(0)
             with torch.device(cfg.device):  # random weights made on the device, not copied there
                 model = (Muffin(c) if v else LLaMA(c.llm)).init_weights()
+            if adapters:  # as train.py --lora_rank: the frozen base in bf16 on CUDA, fp32 adapters
+                model = lora.apply(model.to(torch.bfloat16) if cfg.device.startswith("cuda") else model,
+                                   cfg.lora_rank, 16.0, 0.0)
+                table += ours(f"ours {name}", model, c, v, cfg, step_only=True)[0]
+                del model
+                gc.collect()
+                continue
             if compare and not v:  # the weights transformers will load, and logits to check them by
                 model.save_pretrained(tmp)
                 ids = torch.randint(0, c.llm.vocab_size, (1, 16), device=cfg.device)
@@ -269,6 +323,44 @@ def run_shape(cfg, compared):
     return table
 
 
+def plan(cfg):
+    """The bytes autograd saves per token, measured at the width of the named config on models of
+    1 and 2 decoder blocks (and 1 and 2 tower blocks), as a CUDA step holds them: bf16 weights,
+    bf16 autocast. Full training (every weight trains) beside LoRA (--lora_rank, frozen base and
+    tower; dropout 0 and 0.05). The per-block difference is what each further block adds; what is
+    left at one block is the head's (and the tower's). Scaled to the full depth in docs/one-gpu.md."""
+    c0, rows, seq = CONFIGS[cfg.plan], cfg.rows or 2, cfg.seq or 256
+    tcfg = TrainConfig(stage="ddpo")
+
+    def measure(layers, depth, rank, dropout):
+        c = replace(c0, llm=replace(c0.llm, num_hidden_layers=layers), vision=replace(c0.vision, depth=depth),
+                    im_patch_id=c0.llm.vocab_size - 1)
+        torch.manual_seed(0)
+        model = Muffin(c).init_weights().to(torch.bfloat16)
+        if rank:
+            lora.apply(model, rank, 16.0, dropout)
+        batch = ddpo_batch(c, True, rows, seq, "cpu")
+        call = lambda ids, images, image_index: model(ids, images=images.bfloat16(), image_index=image_index)
+
+        def fwd():
+            with torch.autocast("cpu", torch.bfloat16):
+                forward_loss(call, batch, tcfg)
+
+        return saved_bytes(fwd, model)
+
+    n, images, out = rows * seq, rows // 2, {}
+    for label, rank, dropout in (("full", 0, 0.0), (f"lora{cfg.lora_rank}", cfg.lora_rank, 0.0),
+                                 (f"lora{cfg.lora_rank} dropout 0.05", cfg.lora_rank, 0.05)):
+        if rank == 0 and label != "full" or (label.endswith("0.05") and not rank):
+            continue
+        s11, s21, s12 = measure(1, 1, rank, dropout), measure(2, 1, rank, dropout), measure(1, 2, rank, dropout)
+        block, img = (s21 - s11) / n, (s12 - s11) / images
+        out[label] = {"a (B/token/block)": block, "a_img (MiB/image/tower block)": img / 2**20,
+                      "a_head (B/token)": (s11 - block * n - img * images) / n}
+        print(f"{label}: " + ", ".join(f"{k} {v:,.1f}" for k, v in out[label].items()), flush=True)
+    return out
+
+
 def format_table(table):
     """Rows (label, {column: number or None}) as text: labels left, numbers right-aligned."""
     fmt = lambda label, k, v: ("n/a" if v is None else f"{v:.2f}x" if label.startswith("ours/") else
@@ -281,6 +373,12 @@ def format_table(table):
 
 def main(argv):
     cfg = cli.parse_args(BenchConfig, argv)
+    if cfg.plan:
+        if cfg.plan not in CONFIGS:
+            raise cli.UsageError(f"--plan={cfg.plan}: valid: {' '.join(CONFIGS)}")
+        print(f"{cfg.plan} at 1-2 blocks, {cfg.rows or 2} rows x {cfg.seq or 256} tokens, bf16 weights and autocast, "
+              f"torch {torch.__version__}")
+        return plan(cfg)
     cuda = cfg.device.startswith("cuda")
     shapes = [cfg.shape] if cfg.shape else ["llama-1.1b", "llama-1.1b-mm"] if cuda else ["tiny"]
     if any(s not in SHAPES for s in shapes):

@@ -23,14 +23,14 @@ from dataclasses import dataclass
 import torch
 
 import cli
+import lora
 from data import (Tokenizer, answer_text, check_tokenizer, eval_prompt_ids, image_tensor, load_image, prompt_ids,
                   stop_tokens)
-from model import Muffin
 
 
 @dataclass
 class SampleConfig:
-    ckpt: str = "out/ddpo"        # a Muffin checkpoint directory (ours or the official release)
+    ckpt: str = "out/ddpo"        # a Muffin checkpoint directory (ours, the official release, an adapter)
     tokenizer: str = ""           # default: <ckpt>/tokenizer.model
     image: str = ""                # the picture to ask about (required)
     prompt: str = "Describe the image in detail."
@@ -226,7 +226,7 @@ def main(argv):
               "--template=train keeps the preset's decoding with the template", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     dtype = DTYPES[cfg.dtype or ("bfloat16" if cfg.device.startswith("cuda") else "float32")]
-    model = Muffin.from_pretrained(cfg.ckpt, dtype=dtype).to(cfg.device).eval()
+    model = lora.from_pretrained(cfg.ckpt, dtype=dtype).to(cfg.device).eval()  # an adapter: base + it
     tok_file = cfg.tokenizer or f"{cfg.ckpt}/tokenizer.model"
     if not cfg.tokenizer and not os.path.exists(tok_file):
         raise cli.InputError(f"{cfg.ckpt}: no tokenizer.model in the checkpoint; give --tokenizer")

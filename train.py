@@ -6,6 +6,7 @@
     python train.py --stage=sft --data=sft.jsonl --model=mini --tokenizer=tok.model
     python train.py --stage=ddpo ... --resume        # continue an interrupted run exactly
     torchrun --nproc_per_node=8 train.py --stage=ddpo ... [--fsdp=True]   # data parallel (DDP/FSDP2)
+    python train.py --stage=ddpo ... --lora_rank=64 --grad_ckpt=True     # LoRA: Muffin-13B on one GPU
 
 A DDPO step (paper Sec. 3.2): chosen and rejected rows share their image, which is encoded once;
 one forward gives the policy's token log-probs, Eq. 5 weighs them into sequence scores, Eq. 4 turns
@@ -29,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import cli
 import ddpo
+import lora
 import parallel
 from checkpoint import atomic_write, read_config
 from cli import InputError
@@ -83,6 +85,11 @@ class TrainConfig:
     ablation: bool = False   # also run vanilla DPO (gamma 1) and SFT on the corrected answers
     seeds: str = ""          # "0,1,2": the miniature once per seed (<out_dir>/seed<S>) and a summary
     paper_decoding: bool = False  # evaluate every arm with RLHF-V's 3 beams, repetition penalty 1.1
+    # LoRA (lora.py): rank-r adapters train, every base weight is frozen (bf16 on CUDA)
+    lora_rank: int = 0       # 0: no adapters, every weight trains (the paper)
+    lora_alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    lora_dropout: float = 0.0  # on the adapters' input (each keeps a mask and a copy of it for backward)
+    lora_targets: str = ",".join(lora.TARGETS)  # Linears of every decoder block; + mm_projector: the projector
 
 
 def lr_at(step, cfg):
@@ -106,8 +113,11 @@ def batches(records, collate, cfg, start, rank=0, world=1):
         order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
         order = order[:per_epoch * cfg.batch_size * world].view(per_epoch, world, cfg.batch_size)
         order = order[skip:, rank].tolist()
+        # a generator of its own: the loader would otherwise draw its seed from the global RNG, which
+        # LoRA's dropout uses, and a resumed run (a new loader) would then drop other units
         yield from torch.utils.data.DataLoader(records, batch_sampler=order, collate_fn=collate,
-                                               num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"))
+                                               num_workers=cfg.workers, pin_memory=cfg.device.startswith("cuda"),
+                                               generator=torch.Generator())
         epoch, skip = epoch + 1, 0
 
 
@@ -284,6 +294,10 @@ def load_model(cfg, tok):
         with open(latest) as f:
             ckpt = os.path.join(cfg.out_dir, f.read().strip())
         path = os.path.join(ckpt, "state.pt")
+        if cfg.lora_rank or lora.is_adapter(ckpt):  # adapters only: the base is --init's
+            check_adapter_rank(cfg, ckpt)
+            return load_model(replace(cfg, resume=False), tok)[0], {**torch.load(path, weights_only=True),
+                                                                    "adapter": ckpt}
         if os.path.exists(os.path.join(ckpt, ".metadata")):  # sharded (DCP): loaded in train(), once sharded
             return load_model(replace(cfg, resume=False), tok)[0], {"dcp": ckpt}
         try:  # weights_only: tensors and plain containers, never a pickle that runs code
@@ -291,16 +305,42 @@ def load_model(cfg, tok):
         except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
             raise InputError(f"{path}: refused or unreadable (torch.load weights_only=True): {e}") from None
         return Muffin.from_pretrained(ckpt), state
-    if cfg.init:
-        return Muffin.from_pretrained(cfg.init), None
+    if cfg.init:  # full weights, or an adapter directory: its base with the adapter merged
+        bf16 = cfg.lora_rank and cfg.device.startswith("cuda")  # a frozen base needs no fp32 master copy
+        return lora.from_pretrained(cfg.init, torch.bfloat16 if bf16 else None), None
     torch.manual_seed(cfg.seed)
     return Muffin(sized(cfg.model, tok.vocab_size, tok.im_patch_id)).init_weights(), None
 
 
+def check_adapter_rank(cfg, ckpt):
+    """A LoRA run resumes only with the rank its checkpoint's adapter has (and a full run only from full weights)."""
+    saved = lora.read_settings(ckpt).r if lora.is_adapter(ckpt) else 0
+    if saved != cfg.lora_rank:
+        holds = f"an adapter of rank {saved}" if saved else "full weights, no adapter"
+        raise cli.UsageError(f"--lora_rank={cfg.lora_rank}: {ckpt} holds {holds}; resume with "
+                             f"--lora_rank={saved} or use another --out_dir")
+
+
+def check_lora_options(cfg):
+    """The LoRA options as one-line usage errors, before anything is loaded."""
+    if cfg.lora_rank < 0:
+        raise cli.UsageError(f"--lora_rank={cfg.lora_rank}: must be 0 (off) or a positive rank")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise cli.UsageError(f"--lora_dropout={cfg.lora_dropout}: must be in [0, 1)")
+    lora.parse_targets(cfg.lora_targets)
+    if cfg.lora_rank and cfg.fsdp:
+        raise cli.UsageError("--lora_rank runs in one process or with DDP under torchrun, not with --fsdp "
+                             "(FSDP2 shards full training; a LoRA step's states fit one GPU)")
+
+
 def save(model, tok_file, path, state=None):
     """Weights + config + tokenizer in `path` (a directory sample.py can load); with `state`, also
-    the optimizer, step and RNG. Every file is written atomically."""
-    model.save_pretrained(path)
+    the optimizer, step and RNG. Every file is written atomically. A model with adapters saves only
+    them (PEFT's layout), naming the base they go on."""
+    if hasattr(model, "lora"):
+        lora.save_pretrained(model, path)
+    else:
+        model.save_pretrained(path)
     with open(tok_file, "rb") as f:
         blob = f.read()
     atomic_write(os.path.join(path, "tokenizer.model"), blob)
@@ -316,8 +356,9 @@ def save(model, tok_file, path, state=None):
 def train(cfg):
     """SFT (teacher-forced NLL of the answers) or DDPO on cfg.data, as cfg.stage says; returns the
     trained model. Under torchrun: data parallel over the ranks, with DDP, or with FSDP2 given --fsdp."""
+    check_lora_options(cfg)
     rank, world = parallel.setup(cfg)
-    if cfg.init:
+    if cfg.init and not lora.is_adapter(cfg.init):
         read_config(cfg.init)  # a directory that is not a checkpoint is refused before anything else
     tok_file = tokenizer_file(cfg)
     if not cfg.tokenizer and not os.path.exists(tok_file):
@@ -326,6 +367,12 @@ def train(cfg):
     model, state = load_model(cfg, tok)
     check_tokenizer(tok, model.config, tok_file)  # so no id the data makes can fall outside the embedding
     sharded, ddp = cfg.fsdp and world > 1, not cfg.fsdp and world > 1
+    if cfg.lora_rank:
+        torch.manual_seed(cfg.seed)  # the adapters' A: the same on every rank and in every run of this seed
+        lora.apply(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, lora.parse_targets(cfg.lora_targets),
+                   base=cfg.init)
+        if state is not None:
+            lora.load_adapter(model, state["adapter"])
     records = Records(cfg.data)
     batcher = Batcher(tok, model.config.n_query, model.config.vision.img_size, cfg.max_len, cfg.gamma,
                       cfg.min_match)
@@ -398,7 +445,7 @@ def place(model, cfg, sharded):
     """What trains (the tower and its queries only without --freeze_vision; set before sharding,
     which reads it), activation checkpointing, and where the weights live: FSDP2 shards or cfg.device."""
     for part in (model.model.vision_tower, model.model.query):
-        part.requires_grad_(not cfg.freeze_vision)
+        part.requires_grad_(not cfg.freeze_vision and not cfg.lora_rank)
     model.grad_checkpointing = cfg.grad_ckpt
     if sharded:
         parallel.shard(model, cfg.device)
@@ -429,6 +476,8 @@ class LogWindow:
         self.cfg, self.pad_id, self.rank, self.world = cfg, pad_id, rank, world
         self.peak, self.t_start, self.start_step = peak_flops(cfg.device), time.time(), step
         self.per_token, self.per_image = train_flops(model, 1, 0), train_flops(model, 0, 1)
+        if hasattr(model, "lora"):  # no weight gradients: 4 FLOPs per frozen weight per token; tower forward only
+            self.per_token, self.per_image = self.per_token * 2 / 3, self.per_image / 3
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
         self.reset()
@@ -498,6 +547,7 @@ def save_checkpoint(model, opt, step, cfg, tok_file, drawn=None):
 
 def main(argv):
     cfg = cli.parse_args(TrainConfig, argv, paths=("data", "init", "tokenizer"))
+    check_lora_options(cfg)
     if cfg.stage == "rlhfv":
         from miniature import rlhfv  # the one place the library reaches into the demonstration
         cfg = rlhfv.settle(cfg, cli.given(argv))  # its own lr, steps, ... under the options given

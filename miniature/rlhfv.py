@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cli
+import lora
 from miniature import report
 from miniature import world
 from checkpoint import atomic_write
@@ -66,7 +67,7 @@ def run(cfg, train):
         with timed(out, "sft"):
             train(stage_config(cfg, "sft", stage="sft", data=os.path.join(wdir, "sft.jsonl"),
                                tokenizer=tok_file, init=vision_dir, steps=cfg.sft_steps, lr=cfg.sft_lr,
-                               max_len=512))
+                               max_len=512, lora_rank=0))  # a fresh decoder: all of it learns
     arms = {"ddpo" if cfg.gamma != 1 else "dpo": ("ddpo", cfg.gamma)}
     if cfg.ablation:
         arms.update(dpo=("ddpo", 1.0), sft_corrected=("sft", cfg.gamma))
@@ -115,7 +116,7 @@ def sweep(cfg, train):
 
 
 def finished(run_dir):
-    return os.path.exists(os.path.join(run_dir, "config.json"))
+    return any(os.path.exists(os.path.join(run_dir, f)) for f in ("config.json", "adapter_config.json"))
 
 
 @contextlib.contextmanager
@@ -236,7 +237,7 @@ def write_jsonl(path, rows):
 def describe_all(model_dir, tok, image_paths, prompts, cfg, **decoding):
     """Answers of a checkpoint, one per (image, prompt), in batches of 250: greedy, or with the
     options of sample.generate_ids in `decoding` (num_beams, repetition_penalty, ...)."""
-    model = Muffin.from_pretrained(model_dir).to(cfg.device).eval()
+    model = lora.from_pretrained(model_dir).to(cfg.device).eval()  # an adapter directory: merged
     size, answers = model.config.vision.img_size, []
     for i in range(0, len(prompts), 250):
         images = torch.stack([image_tensor(load_image(p), size) for p in image_paths[i:i + 250]])

@@ -46,3 +46,31 @@ def test_decode_bytes_are_the_weights_but_the_embedding_and_the_whole_cache():
     cache = sum(t.numel() for layer in model.model.layers for t in (layer.self_attn.kv_cache.k,
                                                                      layer.self_attn.kv_cache.v))
     assert bench.decode_bytes(c, 3, 20, 4) == 4 * (model.num_params(embeddings=False) + cache)
+
+
+def test_lora_row_counts_the_states_of_what_trains():
+    """--lora_rank adds the step with adapters: its states are every weight once (fp32 on a CPU)
+    plus gradient and two AdamW moments of the adapters alone, 4 P + 12 A bytes, against 16 P for
+    full training; autograd saves less than for the full step (no weight-gradient inputs of the tower)."""
+    cfg = bench.BenchConfig(shape="tiny", rows=4, seq=48, prompt=12, new_tokens=8, warmup=0, iters=1,
+                            lora_rank=4, device="cpu")
+    table = dict(bench.run_shape(cfg, set()))
+    full, adapted = table["ours tiny"], table["ours tiny +lora4"]
+    c = CONFIGS["tiny"]
+    P = sum(p.numel() for p in bench.Muffin(c).parameters())
+    per_block = sum(4 * (i + o) for i, o in ((64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)))
+    A = c.llm.num_hidden_layers * per_block  # rank 4: A [4, in] and B [out, 4] on the 7 Linears of a block
+    assert full["states MiB"] * 2**20 == 16 * P
+    assert adapted["states MiB"] * 2**20 == 4 * (P + A) + 12 * A
+    assert 0 < adapted["saved MiB"] < full["saved MiB"]
+
+
+def test_plan_per_block_bytes_of_lora_dropout():
+    """--plan measures what autograd saves per token and decoder block. LoRA's dropout adds, for each
+    of the 7 adapted Linears, its input's dropped-out bf16 copy and the bool mask (3 bytes per
+    element): inputs of width h for q, k, v, o, gate, up and i for down, so 3 (6h + i) bytes."""
+    out = bench.plan(bench.BenchConfig(plan="tiny", lora_rank=4))
+    h, i = CONFIGS["tiny"].llm.hidden_size, CONFIGS["tiny"].llm.intermediate_size
+    a = {k: v["a (B/token/block)"] for k, v in out.items()}
+    assert a["lora4 dropout 0.05"] - a["lora4"] == 3 * (6 * h + i)
+    assert 0 < a["lora4"] < a["full"]

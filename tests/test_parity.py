@@ -231,3 +231,38 @@ def test_beit3_matches_torchscale(tmp_path, layout):
     print(f"\nBEiT-3 {layout}: max relative error {err_images:.2e} (images), "
           f"{err_queries:.2e} (images + queries)")
     assert err_images <= MAX_REL_ERR and err_queries <= MAX_REL_ERR
+
+
+def test_lora_adapter_files_match_peft_both_ways(tmp_path):
+    """An adapter peft writes (get_peft_model on transformers' LLaMA, random B) loads with
+    lora.load_adapter and gives peft's logits; ours, written by lora.save_pretrained, loads with
+    PeftModel.from_pretrained and gives ours. Same keys, same scale alpha / r."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import lora
+    torch.manual_seed(0)
+    hc = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(hc).save_pretrained(tmp_path / "base")
+    ids = torch.randint(0, 128, (2, 10))
+    theirs = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(lora.TARGETS),
+                                                 init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    s = lora.read_settings(tmp_path / "peft")
+    ours = lora.apply(LLaMA.from_pretrained(tmp_path / "base"), s.r, s.lora_alpha, 0.0, s.target_modules,
+                      base=str(tmp_path / "base"))
+    lora.load_adapter(ours, tmp_path / "peft").eval()
+    with torch.no_grad():
+        err = rel_err(ours(ids), theirs(input_ids=ids).logits)
+        for m in lora.adapters(ours).values():
+            m.lora_B.normal_(0, 0.1)
+    print(f"\npeft {peft.__version__} adapter loaded here: max relative error {err:.1e}")
+    assert err <= MAX_REL_ERR
+    lora.save_pretrained(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                                          tmp_path / "ours").eval()
+    with torch.no_grad():
+        err = rel_err(back(input_ids=ids).logits, ours(ids))
+    print(f"ours loaded by peft: max relative error {err:.1e}")
+    assert err <= MAX_REL_ERR
