@@ -150,8 +150,8 @@ def test_lora_run_resumed_equals_the_uninterrupted_run(tmp_path, dataset, init_c
     full = train.train(config(tmp_path / "full", dataset, init_ckpt, **opts))
     save = train.save_checkpoint
 
-    def save_then_die(model, opt, step, cfg, tok_file):
-        save(model, opt, step, cfg, tok_file)
+    def save_then_die(model, opt, step, cfg, tok_file, **kw):
+        save(model, opt, step, cfg, tok_file, **kw)
         if step == 3:
             raise KeyboardInterrupt
 
@@ -189,7 +189,8 @@ def test_ddp_with_lora_equals_one_process_with_the_combined_batch(tmp_path, data
     """2 ranks (gloo) x 1 pair x 2 micro-steps = 1 process x 4 pairs: the same losses and adapters
     (only they are reduced; the frozen base never moves)."""
     from test_distributed import ranks
-    opts = dict(stage="ddpo", steps=4, lr=1e-3, warmup=0.0, log_every=1, save_every=100, device="cpu",
+    opts = dict(stage="ddpo", steps=4, lr=1e-3, warmup=0.0, average=False, log_every=1, save_every=100,
+                device="cpu",
                 data=str(dataset / "pairs.jsonl"), init=str(init_ckpt), lora_rank=4)
     single = train.train(config(tmp_path, dataset, init_ckpt, **{k: v for k, v in opts.items() if k != "stage"}))
     ranks(opts, str(tmp_path / "ddp"), batch_size=1, grad_accum=2)
