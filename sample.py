@@ -88,36 +88,26 @@ def beam_search(logits, advance, reorder, seen, stop, n, num_beams, repetition_p
     """transformers' beam search for B prompts, K rows each. logits [B, V]: each prompt's first token;
     advance(tokens [B*K], i) -> logits [B*K, V] after token i of each beam; reorder(index [B*K]): row
     r of the model's cache becomes row index[r]; seen [B, V]: the prompts' tokens. -> [B, n] ids.
-    Beams grow by every token, scored by summed log-probs (the penalty multiplies those of each beam's
-    seen tokens: transformers' processors act after log_softmax in beam search). Of the best K, those
-    ending in a stop token (all, at n tokens) are finished, scored sum / length ** length_penalty, the
-    best K kept; the best K that do not stop run on. A prompt is done with K finished once (unless
+    Each step: every beam grows by every token (grow_beams); of the best K of those, the ones ending
+    in a stop token (all, at n tokens) join the finished hypotheses (finish_hypotheses); the best K
+    that do not stop run on (advance_beams). A prompt is done with K finished once (unless
     early_stopping) the best running beam's sum / length cannot beat the worst of them."""
     B, V = logits.shape
     K, dev, rows = num_beams, logits.device, torch.arange(B, device=logits.device)[:, None]
-    run = torch.zeros(B, 1, device=dev)                        # running beams: summed log-probs
-    seqs = torch.zeros(B, 1, n, dtype=torch.long, device=dev)  # and their tokens
-    fin = torch.full((B, K), -math.inf, device=dev)            # finished: scores, best first
+    run = torch.zeros(B, 1, device=dev)                        # running beams: summed log-probs [B, k]
+    seqs = torch.zeros(B, 1, n, dtype=torch.long, device=dev)  # and their tokens [B, k, n]
+    fin = torch.full((B, K), -math.inf, device=dev)            # finished: scores, best first [B, K]
     fin_seqs = torch.zeros(B, K, n, dtype=torch.long, device=dev)
     open_ = torch.ones(B, dtype=torch.bool, device=dev)        # may still take finished hypotheses
-    for i in range(n):
-        logp = torch.log_softmax(logits, -1)
-        logp = torch.where(seen, logp * repetition_penalty, logp)  # log-probs are <= 0: more negative
-        total = (logp.view(B, -1, V) + run[..., None]).view(B, -1)
-        top, idx = total.topk(K)
-        cand = seqs.gather(1, (idx // V)[..., None].expand(-1, -1, n))
-        cand[:, :, i] = idx % V
-        full = fin[:, -1] > -math.inf
-        ends = (stop[idx % V] | (i == n - 1)) & (open_ & ~(full & early_stopping))[:, None]
-        score = (top / (i + 1) ** length_penalty).masked_fill(~ends, -math.inf)
-        fin, best = torch.cat([fin, score], 1).topk(K)
-        fin_seqs = torch.cat([fin_seqs, cand], 1).gather(1, best[..., None].expand(-1, -1, n))
+    for i in range(n):  # k running beams per prompt: 1 at the first step, K after
+        total = grow_beams(logits, seen, run, repetition_penalty)  # [B, k*V]
+        takes = open_ & ~((fin[:, -1] > -math.inf) & early_stopping)
+        fin, fin_seqs = finish_hypotheses(fin, fin_seqs, total, seqs, i, stop, takes, length_penalty)
         if i == n - 1:
             break
-        run, idx = total.view(B, -1, V).masked_fill(stop, -math.inf).view(B, -1).topk(K)
-        index = (rows * seqs.shape[1] + idx // V).flatten()  # the first step grows 1 row to K
-        seqs = seqs.gather(1, (idx // V)[..., None].expand(-1, -1, n))
-        seqs[:, :, i] = idx % V
+        parent = rows * seqs.shape[1]  # each prompt's first cache row, with k rows per prompt
+        run, seqs, idx = advance_beams(total, seqs, stop, i, K)
+        index = (parent + idx // V).flatten()  # the cache row each new beam grows from
         reorder(index)
         seen = seen[index].scatter_(1, (idx % V).view(-1, 1), True)
         full = fin[:, -1] > -math.inf
@@ -126,6 +116,45 @@ def beam_search(logits, advance, reorder, seen, stop, n, num_beams, repetition_p
             break
         logits = advance((idx % V).flatten(), i)
     return fin_seqs[:, 0]
+
+
+def grow_beams(logits, seen, run, repetition_penalty):
+    """Every running beam grown by every token: logits [B*k, V], seen [B*k, V], run [B, k] (summed
+    log-probs) -> [B, k*V] summed log-probs of the candidates, beam-major. The penalty multiplies the
+    log-probs of each beam's seen tokens (transformers' processors act after log_softmax here)."""
+    B, V = run.shape[0], logits.shape[-1]
+    logp = torch.log_softmax(logits, -1)
+    logp = torch.where(seen, logp * repetition_penalty, logp)  # log-probs are <= 0: more negative
+    return (logp.view(B, -1, V) + run[..., None]).view(B, -1)
+
+
+def extend(seqs, idx, V, i):
+    """seqs [B, k, n], idx [B, K] (candidates in [0, k*V)) -> [B, K, n]: the tokens of beam idx // V
+    with token idx % V at step i."""
+    out = seqs.gather(1, (idx // V)[..., None].expand(-1, -1, seqs.shape[-1]))
+    out[:, :, i] = idx % V
+    return out
+
+
+def finish_hypotheses(fin, fin_seqs, total, seqs, i, stop, takes, length_penalty):
+    """Of the best K candidates total [B, k*V], those ending in a stop token (all at the last step)
+    of prompts that take them (takes [B]) are finished, scored sum / length ** length_penalty; the
+    best K finished are kept. fin [B, K], fin_seqs [B, K, n] -> the same, updated."""
+    K, V, n = fin.shape[1], stop.shape[0], seqs.shape[-1]
+    top, idx = total.topk(K)                                                  # [B, K]
+    ends = (stop[idx % V] | (i == n - 1)) & takes[:, None]
+    score = (top / (i + 1) ** length_penalty).masked_fill(~ends, -math.inf)
+    fin, best = torch.cat([fin, score], 1).topk(K)                           # [B, K] of 2K
+    fin_seqs = torch.cat([fin_seqs, extend(seqs, idx, V, i)], 1).gather(1, best[..., None].expand(-1, -1, n))
+    return fin, fin_seqs
+
+
+def advance_beams(total, seqs, stop, i, K):
+    """The best K candidates of total [B, k*V] that do not end in a stop token run on: -> run [B, K]
+    (their summed log-probs, best first), seqs [B, K, n], idx [B, K] (each one's candidate index)."""
+    B, V = total.shape[0], stop.shape[0]
+    run, idx = total.view(B, -1, V).masked_fill(stop, -math.inf).view(B, -1).topk(K)
+    return run, extend(seqs, idx, V, i), idx
 
 
 @torch.no_grad()
