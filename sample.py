@@ -4,6 +4,7 @@
     python sample.py --ckpt=out/ddpo --image=a.png --temperature=0.7 --top_p=0.9
     python sample.py --ckpt=RLHF-V --image=a.png --preset=rlhfv    # RLHF-V's evaluation decoding
     python sample.py --ckpt=out/ddpo --image=a.png --interactive < questions.txt
+    python sample.py --ckpt=RLHF-V --questions=obj_halbench_300_with_image.jsonl --out=answers.jsonl --preset=rlhfv
 
 Prompts of different lengths are left-padded: RoPE only sees position differences, so a row
 shifted right by its padding computes the same attention as alone, once its pad slots are masked.
@@ -12,15 +13,22 @@ row copied to its beams, and after every step each layer's cache rows follow the
 (LLaMA.reorder_cache). The decode step has static shapes and no host synchronisation (sampling uses
 the exponential trick instead of torch.multinomial; finished rows are tracked on the device and
 checked every `check_every` tokens), so with --compile it is captured in a CUDA graph.
+A question file (--questions, JSON lines: image, question, image_id) is answered --batch_size
+questions at a time into --out, one JSON line per question; a rerun appends only the missing ones.
 Tests: python -m pytest tests/test_sample.py
 """
+import base64
+import json
 import math
+import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 
 import cli
+from checkpoint import atomic_write
 from data import (Tokenizer, answer_text, check_tokenizer, eval_prompt_ids, image_tensor, load_image, prompt_ids,
                   stop_tokens)
 from model import Muffin
@@ -33,6 +41,9 @@ class SampleConfig:
     image: str = ""                # the picture to ask about (required)
     prompt: str = "Describe the image in detail."
     interactive: bool = False     # questions about the image from standard input, one a line, until EOF
+    questions: str = ""           # JSON lines (image: base64 or a path relative to the file, question, image_id)
+    out: str = ""                 # with --questions: the answers, JSON lines (appended to: a rerun resumes)
+    batch_size: int = 8           # with --questions: questions answered together (left-padded prompts)
     preset: str = ""              # rlhfv: RLHF-V's evaluation (PRESETS, and its prompt: eval_prompt_ids)
     max_new_tokens: int = 128
     temperature: float = 0.0      # 0: greedy
@@ -168,7 +179,10 @@ def generate_ids(model, prompts, stop, feats=None, max_new_tokens=128, temperatu
     B, P = len(prompts), max(len(p) for p in prompts)
     pad = torch.tensor([P - len(p) for p in prompts], device=device)
     ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # pad ids: masked
-    seen = torch.zeros(B, len(stop), dtype=torch.bool, device=device).scatter_(1, ids, True)
+    # the prompts' own tokens, for the repetition penalty: a pad slot marks the spare column V, dropped
+    real = torch.arange(P, device=device) >= pad[:, None]
+    seen = torch.zeros(B, len(stop) + 1, dtype=torch.bool, device=device)
+    seen = seen.scatter_(1, torch.where(real, ids, len(stop)), True)[:, :-1]
     model.setup_cache(B, P + n)
     try:
         slots = torch.arange(P + n, device=device)
@@ -241,6 +255,8 @@ def settle(cfg, argv):
 
 def main(argv):
     cfg = settle(cli.parse_args(SampleConfig, argv, paths=("ckpt", "tokenizer", "image")), argv)
+    if cfg.questions:
+        return answer_file(cfg)
     if not cfg.image:
         raise cli.UsageError("--image is required: the picture to ask about")
     torch.manual_seed(cfg.seed)
@@ -264,6 +280,118 @@ def main(argv):
         answer = answer_text(tok, generate_ids(model, [ids], stop, feats, **options)[0], cfg.preset == "rlhfv")
         print(answer, flush=True)
         history.append((question, answer))
+
+
+# ------------------------------------------------------------------------- answering a question file
+
+def read_questions(path):
+    """The rows of a question file -> ([(line number, row)], [(line number, why it is bad)]). A row:
+    question_id (given, or the row's index in the file), image_id (None if absent), question, and the
+    image: PIL RGB from base64 (RLHF-V's Object HalBench file) or from a path relative to the file."""
+    if not os.path.isfile(path):
+        raise cli.UsageError(f"--questions={path}: no such file")
+    rows, bad, where = [], [], os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("question"), str) or "image" not in row:
+                    raise ValueError("expected a JSON object with image and question")
+                rows.append((n, {"question_id": row.get("question_id", n - 1), "image_id": row.get("image_id"),
+                                 "question": row["question"], "image": question_image(row["image"], where)}))
+            except ValueError as e:
+                bad.append((n, str(e).splitlines()[0]))
+    return rows, bad
+
+
+def question_image(image, where):
+    """A question file's image field: a path relative to the file, or the picture in base64."""
+    if not isinstance(image, str):
+        raise ValueError("image: expected a string (base64, or a path relative to the file)")
+    path = os.path.join(where, image)
+    if len(image) < 4096 and os.path.isfile(path):
+        return load_image(path)
+    try:
+        raw = base64.b64decode(image, validate=True)
+    except ValueError:
+        raise ValueError(f"image: neither a file beside the question file nor base64 ({image[:40]!r})") from None
+    return load_image(raw)
+
+
+def answered(path):
+    """The question ids already in an answers file. A last line cut short by an interrupted run is
+    dropped from the file, so that what is appended starts on a line of its own."""
+    if not os.path.isfile(path):
+        return set()
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    done, keep = set(), []
+    for line in lines:
+        try:
+            done.add(json.loads(line)["question_id"])
+            keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    if keep != lines:
+        atomic_write(path, "".join(keep))
+    return done
+
+
+def answer_file(cfg):
+    """Answer every question of cfg.questions not yet in cfg.out, cfg.batch_size at a time, with a
+    progress line; bad rows are counted and named by line, not fatal."""
+    if not cfg.out:
+        raise cli.UsageError("--questions needs --out=answers.jsonl (where the answers go)")
+    if cfg.batch_size < 1:
+        raise cli.UsageError(f"--batch_size={cfg.batch_size}: valid: 1 or more")
+    rows, bad = read_questions(cfg.questions)
+    done = answered(cfg.out)
+    todo = [r for _, r in rows if r["question_id"] not in done]
+    model, tok = load_model(cfg)
+    options = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "repetition_penalty",
+                                            "num_beams", "length_penalty", "early_stopping", "compile")}
+    start, total, end = time.time(), len(todo), "" if sys.stderr.isatty() else "\n"
+    with open(cfg.out, "a", encoding="utf-8") as out:
+        for b in range(0, total, cfg.batch_size):
+            batch = todo[b:b + cfg.batch_size]
+            answers = answer_batch(model, tok, [r["image"] for r in batch], [r["question"] for r in batch],
+                                   cfg.preset == "rlhfv", **options)
+            out.writelines(json.dumps({"question_id": r["question_id"], "image_id": r["image_id"],
+                                       "question": r["question"], "answer": a}) + "\n" for r, a in zip(batch, answers))
+            out.flush()
+            k, elapsed = b + len(batch), time.time() - start
+            print(f"\ranswered {k}/{total} ({len(done)} before, {len(bad)} bad rows) {k / elapsed:.2f}/s, "
+                  f"ETA {(total - k) * elapsed / k:.0f} s", end=end, file=sys.stderr, flush=True)
+    if total and not end:
+        print(file=sys.stderr)
+    print(f"{cfg.out}: {len(done) + total} answers ({total} new)"
+          + (f"; {len(bad)} bad rows skipped: " + "; ".join(f"line {n}: {why}" for n, why in bad) if bad else ""))
+    return bad
+
+
+@torch.no_grad()
+def answer_batch(model, tok, images, questions, eval_prompt=False, **options):
+    """PIL images and their questions -> answers, one left-padded batch (generate_ids); eval_prompt:
+    RLHF-V's evaluation prompt (eval_prompt_ids) rather than the training template."""
+    dev, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    x = torch.stack([image_tensor(im, model.config.vision.img_size) for im in images]).to(dev, dtype)
+    make = eval_prompt_ids if eval_prompt else prompt_ids
+    prompts = [make(tok, q, model.config.n_query) for q in questions]
+    rows = generate_ids(model, prompts, stop_tokens(tok, dev), model.encode_images(x), **options)
+    return [answer_text(tok, r, eval_prompt) for r in rows]
+
+
+def load_model(cfg):
+    """The checkpoint's Muffin (eval mode, cfg's device and dtype) and its tokenizer."""
+    torch.manual_seed(cfg.seed)
+    dtype = DTYPES[cfg.dtype or ("bfloat16" if cfg.device.startswith("cuda") else "float32")]
+    model = Muffin.from_pretrained(cfg.ckpt, dtype=dtype).to(cfg.device).eval()
+    tok_file = cfg.tokenizer or f"{cfg.ckpt}/tokenizer.model"
+    tok = Tokenizer.from_pretrained(tok_file)
+    check_tokenizer(tok, model.config, tok_file)
+    return model, tok
 
 
 if __name__ == "__main__":
