@@ -230,7 +230,8 @@ def ground_truth(coco, image_ids, vocab, cache=None):
 
 def read_answers(path):
     """[{question_id, image_id, question, answer}] of an answers file, in RLHF-V's field names or
-    ours ("text" or "answer", "prompt" or "question"); "Assistant:" deleted as RLHF-V's loader did."""
+    ours ("text" else "answer", "prompt" else "question"); "Assistant:" deleted as RLHF-V's loader
+    did."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     rows = []
@@ -240,9 +241,9 @@ def read_answers(path):
                 continue
             try:
                 row = json.loads(line)
-                answer = row["answer"] if "answer" in row else row["text"]
+                answer = row["text"] if "text" in row else row["answer"]  # RLHF-V's loader's order
                 rows.append({"question_id": row.get("question_id", n - 1), "image_id": int(row["image_id"]),
-                             "question": row.get("question", row.get("prompt", "")),
+                             "question": row["prompt"] if "prompt" in row else row.get("question", ""),
                              "answer": answer.replace("Assistant:", "").strip()})
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise ValueError(f"{path}:{n}: expected a JSON object with image_id and answer (or text) "

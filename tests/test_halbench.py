@@ -186,3 +186,15 @@ def test_bad_inputs_are_one_line_errors(bench, damage, message, capsys):
     with pytest.raises(SystemExit) as e:
         halbench.main([f"--answers={answers}", f"--coco={coco}"])
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_reads_rlhfvs_answer_layout(bench, tmp_path):
+    """An answers file as RLHF-V's answering script and loader name the fields ("text", "prompt";
+    "Assistant:" written by the model) scores as ours does."""
+    coco, answers = bench
+    theirs = tmp_path / "theirs.jsonl"
+    theirs.write_text("".join(json.dumps({"question_id": i - 1, "image_id": i, "prompt": "Describe the image.",
+                                          "text": f"Assistant: {a}", "model_id": "x"}) + "\n"
+                              for i, a in ANSWERS.items()))
+    ours = halbench.main([f"--answers={answers}", f"--coco={coco}"])
+    assert halbench.main([f"--answers={theirs}", f"--coco={coco}"])["rates"] == ours["rates"]
