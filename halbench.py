@@ -309,14 +309,14 @@ def table(summary):
     """The summary as the lines to print (percentages, length in words)."""
     pct = lambda name, x: f"{x:.2f}" if name == "Average length" else f"{100 * x:.1f}"
     lines = [f"Object HalBench offline (CHAIR): {summary['answers']} answers on {summary['images']} images, "
-             f"95% intervals" + (", difference vs --compare (paired)" if "vs" in summary else "")]
+             f"95% intervals" + (", minus --compare's (paired bootstrap)" if "vs" in summary else "")]
     for name, value in summary["rates"].items():
         lo, hi = summary["ci"][name]
-        line = f"  {name:<22} {pct(name, value):>6}  [{pct(name, lo)}, {pct(name, hi)}]"
+        line = f"  {name:<22} {pct(name, value):>6} {f'[{pct(name, lo)}, {pct(name, hi)}]':<15}"
         if "vs" in summary:
             d, dlo, dhi = summary["vs"][name]
-            line += f"   {'+' if d >= 0 else ''}{pct(name, d)} [{pct(name, dlo)}, {pct(name, dhi)}]"
-        lines.append(f"{line:<70} {summary['interval'][name]}")
+            line += f" {('+' if d >= 0 else '') + pct(name, d):>6} {f'[{pct(name, dlo)}, {pct(name, dhi)}]':<15}"
+        lines.append(f"{line} {summary['interval'][name]}")
     return lines
 
 
