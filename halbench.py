@@ -78,6 +78,9 @@ class Vocabulary:
             self.pairs.update({f"baby {animal}": animal, f"adult {animal}": animal})
         self.pairs.update({"passenger jet": "jet", "passenger train": "train", "bow tie": "tie",
                            "toilet seat": "toilet", "wine glas": "wine glass"})
+        # nltk's WordNet noun lemma of every word that can reach the table (tests/nltk_check.py);
+        # any other word is its own lemma, which differs from nltk's only where neither is a table
+        # word, or on non-words two suffix rules from one ("dogss", which nltk reads as "dog")
         self.lemmas = dict(line.split() for line in read_table("halbench_lemmas.txt"))
         digest = hashlib.sha256()
         for name in ("halbench_synonyms.txt", "halbench_lemmas.txt"):
@@ -104,10 +107,11 @@ class Vocabulary:
 
 # Sentence ends as nltk's Punkt finds them in lower-cased text: after "?" or "!", or after a "."
 # that does not continue an ellipsis, when whitespace or one of Punkt's non-word characters follows;
-# closing quotes and brackets followed by whitespace stay with the sentence they close. Punkt also
-# keeps a sentence going after a known abbreviation, an initial or a number ("dr.", "j.", "3."):
-# none of these is a table word, and whether such a token is split only decides whether its own
-# period stands apart, so the objects found cannot change.
+# closing quotes and brackets followed by whitespace stay with the sentence they close. Punkt may
+# keep a sentence going after an initial or a number ("j.", "3."), which are no table words: whether
+# such a token is split only decides whether its own period stands apart, so no count changes. Its
+# pretrained English model also does so after the abbreviations it learnt ("dr."); that list could
+# not be checked here, and a table word on it, followed by a period, would keep the period there.
 SENTENCE_END = re.compile(r"""(?:[?!]|(?<!\.)\.)(?=[)";}\]*:@'({\[!?]|\s+\S)""")
 CLOSERS = re.compile(r"""["')\]}]+?(?:\s+|(?=--)|$)""")
 
