@@ -378,7 +378,8 @@ def answer_batch(model, tok, images, questions, eval_prompt=False, **options):
     dev, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     x = torch.stack([image_tensor(im, model.config.vision.img_size) for im in images]).to(dev, dtype)
     make = eval_prompt_ids if eval_prompt else prompt_ids
-    prompts = [make(tok, q, model.config.n_query) for q in questions]
+    # an "<image>" placeholder in a question is dropped, as Muffin's answering script drops it
+    prompts = [make(tok, q.replace("<image>", ""), model.config.n_query) for q in questions]
     rows = generate_ids(model, prompts, stop_tokens(tok, dev), model.encode_images(x), **options)
     return [answer_text(tok, r, eval_prompt) for r in rows]
 
