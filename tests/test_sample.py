@@ -2,9 +2,11 @@
 recomputation; beam search follows transformers' rules on distributions built by hand (its parity
 with transformers itself is in test_parity.py); bf16; the command line: presets, --interactive, bad
 options."""
+import base64
 import io
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -332,3 +334,87 @@ def test_bad_decoding_options_exit_naming_the_valid_values(arg, message, dataset
 def test_beam_search_does_not_sample(dataset):
     with pytest.raises(SystemExit, match=r"--temperature=0.7: valid with --num_beams=3: 0 "):
         sample.main(["--preset=rlhfv", "--temperature=0.7", f"--ckpt={dataset}", f"--image={dataset / 'images' / '0.png'}"])
+
+
+# ------------------------------------------------------------------------- answering a question file
+
+def question_file(dataset, path):
+    """Six questions on the dataset's images, of different lengths (so batches are left-padded): our
+    layout (image paths relative to the file) and RLHF-V's (the image in base64, an image_id); and
+    three bad rows: not JSON, no question, an image that is neither a file nor a picture."""
+    qs = ["Describe this image in detail.", "What colour is the square?", "How many?",
+          "Is there anything on the left side of the picture?", "What is it?", "Where?"]
+    rows = [{"image": os.path.relpath(dataset / "images" / f"{i}.png", path.parent), "question": q, "image_id": i}
+            for i, q in enumerate(qs[:4])]
+    rows.insert(2, '{"image": "images/0.png", "quest')
+    for i, q in ((4, qs[4]), (5, qs[5])):
+        rows.append({"image": base64.b64encode((dataset / "images" / f"{i}.png").read_bytes()).decode(),
+                     "question": q, "image_id": i})
+    rows.insert(5, {"image": os.path.relpath(dataset / "images" / "1.png", path.parent), "image_id": 1})
+    rows.append({"image": base64.b64encode(b"not a picture").decode(), "question": "Why?", "image_id": 7})
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def read_answers(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.fixture
+def varied_ckpt(tok, tmp_path):
+    """A tiny Muffin whose weights are perturbed (seeded) so that each question and image gets an
+    answer of its own: a batch that mixed up its rows would show."""
+    torch.manual_seed(0)
+    model = Muffin(sized("tiny", tok.vocab_size, tok.im_patch_id)).init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "varied")
+    (tmp_path / "varied" / "tokenizer.model").write_bytes(tok.sp.serialized_model_proto())
+    return tmp_path / "varied"
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_question_file_answers_batched_equal_one_at_a_time(beams, dataset, varied_ckpt, tmp_path, capsys):
+    """Answered 4 at a time (left-padded prompts, fp32 on the CPU), greedy and with 3 beams, each
+    question gets exactly the answer it gets alone; RLHF-V's base64 rows and ours are read alike; the
+    three bad rows are skipped and named by line, not fatal."""
+    qfile = question_file(dataset, tmp_path / "q.jsonl")
+    common = [f"--ckpt={varied_ckpt}", f"--questions={qfile}", "--device=cpu", "--max_new_tokens=12",
+              f"--num_beams={beams}", "--repetition_penalty=1.1"]
+    bad = sample.main(common + [f"--out={tmp_path / 'batched.jsonl'}", "--batch_size=4"])
+    sample.main(common + [f"--out={tmp_path / 'alone.jsonl'}", "--batch_size=1"])
+    batched, alone = read_answers(tmp_path / "batched.jsonl"), read_answers(tmp_path / "alone.jsonl")
+    assert batched == alone and len(batched) == 6
+    assert len({r["answer"] for r in batched}) >= 5  # answers of their own: a mix-up would show
+    assert [r["image_id"] for r in batched] == [0, 1, 2, 3, 4, 5]
+    assert [r["question_id"] for r in batched] == [0, 1, 3, 4, 6, 7]  # the row's index where none is given
+    assert [n for n, _ in bad] == [3, 6, 9]
+    out = capsys.readouterr().out
+    assert "3 bad rows skipped: line 3: " in out and "line 6: expected a JSON object" in out
+    assert "line 9: " in out
+
+
+def test_question_file_resumes_where_it_stopped(dataset, varied_ckpt, tmp_path):
+    """A run cut short (two answers written, the third half-written) is finished by running the same
+    command again: the half line is dropped, only the missing answers are added, and the file ends
+    as an uninterrupted run's does."""
+    qfile = question_file(dataset, tmp_path / "q.jsonl")
+    args = lambda out: [f"--ckpt={varied_ckpt}", f"--questions={qfile}", "--device=cpu", "--max_new_tokens=8",
+                        f"--out={out}", "--batch_size=3"]
+    sample.main(args(tmp_path / "full.jsonl"))
+    lines = (tmp_path / "full.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "cut.jsonl").write_text("".join(lines[:2]) + lines[2][:20])
+    sample.main(args(tmp_path / "cut.jsonl"))
+    assert read_answers(tmp_path / "cut.jsonl") == read_answers(tmp_path / "full.jsonl")
+    sample.main(args(tmp_path / "cut.jsonl"))  # nothing left to answer: nothing added
+    assert read_answers(tmp_path / "cut.jsonl") == read_answers(tmp_path / "full.jsonl")
+
+
+def test_question_file_errors_are_one_line(dataset, init_ckpt, tmp_path):
+    """A missing question file, or no --out, is a one-line usage error."""
+    with pytest.raises(SystemExit, match="no such file"):
+        sample.main([f"--ckpt={init_ckpt}", f"--questions={tmp_path / 'none.jsonl'}", f"--out={tmp_path / 'a'}"])
+    with pytest.raises(SystemExit, match="--out"):
+        sample.main([f"--ckpt={init_ckpt}", f"--questions={question_file(dataset, tmp_path / 'q.jsonl')}"])
