@@ -269,7 +269,8 @@ def main(argv):
     if cfg.questions:
         return answer_file(cfg)
     model, tok = load_model(cfg)
-    image = image_tensor(load_image(cfg.image), model.config.vision.img_size)[None].to(cfg.device, model.lm_head.weight.dtype)
+    image = image_tensor(load_image(cfg.image), model.config.vision.img_size)[None]
+    image = image.to(cfg.device, model.lm_head.weight.dtype)
     with torch.no_grad():
         feats = model.encode_images(image)  # once, however many questions are asked about the image
     stop, n_query, history, options = stop_tokens(tok, cfg.device), model.config.n_query, [], decoding(cfg)
