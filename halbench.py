@@ -36,6 +36,7 @@ import sys
 from dataclasses import dataclass
 
 import cli
+from cli import InputError
 from checkpoint import atomic_write
 from stats import interval, paired_difference, ratio_draws, resample, wilson
 
@@ -168,15 +169,15 @@ def word_tokenize(text):
 def load_json(path, keys):
     """A COCO annotation file, checked for the lists it must hold; one-line errors naming it."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file (--coco needs COCO 2014's {', '.join(COCO_FILES)})")
+        raise InputError(f"{path}: no such file (--coco needs COCO 2014's {', '.join(COCO_FILES)})")
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
+        raise InputError(f"{path}: not JSON ({e})") from None
     missing = [k for k in keys if not isinstance(doc, dict) or not isinstance(doc.get(k), list)]
     if missing:
-        raise ValueError(f"{path}: not a COCO annotation file (no list {missing[0]!r})")
+        raise InputError(f"{path}: not a COCO annotation file (no list {missing[0]!r})")
     return doc
 
 
@@ -207,7 +208,7 @@ def ground_truth(coco, image_ids, vocab, cache=None):
                     objects[a["image_id"]].add(names[a["category_id"]])
                     annotated.add(a["image_id"])
         except (KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from None
+            raise InputError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from None
         del doc
     for path in paths[2:]:
         doc = load_json(path, ("annotations",))
@@ -217,11 +218,11 @@ def ground_truth(coco, image_ids, vocab, cache=None):
                     objects[a["image_id"]].update(c for _, c in vocab.mentions(a["caption"]))
                     annotated.add(a["image_id"])
         except (KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path}: not a COCO captions file ({type(e).__name__}: {e})") from None
+            raise InputError(f"{path}: not a COCO captions file ({type(e).__name__}: {e})") from None
         del doc
     unknown = sorted(wanted - annotated)
     if unknown:
-        raise ValueError(f"{coco}: no annotations for image id {unknown[0]}"
+        raise InputError(f"{coco}: no annotations for image id {unknown[0]}"
                          + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
                          + ": not a COCO 2014 image?")
     objects = {i: sorted(v) for i, v in objects.items()}
@@ -237,7 +238,7 @@ def read_answers(path):
     ours ("text" else "answer", "prompt" else "question"); "Assistant:" deleted as RLHF-V's loader
     did."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
+        raise InputError(f"{path}: no such file")
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -250,10 +251,10 @@ def read_answers(path):
                              "question": row["prompt"] if "prompt" in row else row.get("question", ""),
                              "answer": answer.replace("Assistant:", "").strip()})
             except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"{path}:{n}: expected a JSON object with image_id and answer (or text) "
+                raise InputError(f"{path}:{n}: expected a JSON object with image_id and answer (or text) "
                                  f"({type(e).__name__}: {e})") from None
     if not rows:
-        raise ValueError(f"{path}: no answers")
+        raise InputError(f"{path}: no answers")
     return rows
 
 
@@ -302,7 +303,7 @@ def summarize(records, seed=0, other=None):
         theirs = {r["image_id"] for r in other}
         if theirs != set(images):
             odd = sorted(theirs ^ set(images))[0]
-            raise ValueError(f"--compare: the two answer files are not on the same images (image id {odd})")
+            raise InputError(f"--compare: the two answer files are not on the same images (image id {odd})")
         b = per_image(other, images)
         out["vs"] = {name: paired_difference([(items, counts)], [(b, counts)], num, den)
                      for name, (num, den, _) in RATES.items()}
@@ -328,17 +329,14 @@ def main(argv):
     cfg = cli.parse_args(HalbenchConfig, argv, paths=("answers", "coco", "compare"))
     if not cfg.answers or not cfg.coco:
         raise cli.UsageError("--answers and --coco are required (--help explains them)")
-    try:
-        vocab = Vocabulary()
-        rows = read_answers(cfg.answers)
-        other = read_answers(cfg.compare) if cfg.compare else []
-        cache = os.path.join(os.path.dirname(os.path.abspath(cfg.answers)), "halbench_gt.json")
-        truth = ground_truth(cfg.coco, {r["image_id"] for r in rows + other}, vocab, cache)
-        records = [score(r, truth[r["image_id"]], vocab) for r in rows]
-        summary = summarize(records, cfg.seed,
-                            [score(r, truth[r["image_id"]], vocab) for r in other] if cfg.compare else None)
-    except ValueError as e:  # a bad file or row: one line naming it
-        raise cli.UsageError(str(e)) from None
+    vocab = Vocabulary()
+    rows = read_answers(cfg.answers)
+    other = read_answers(cfg.compare) if cfg.compare else []
+    cache = os.path.join(os.path.dirname(os.path.abspath(cfg.answers)), "halbench_gt.json")
+    truth = ground_truth(cfg.coco, {r["image_id"] for r in rows + other}, vocab, cache)
+    records = [score(r, truth[r["image_id"]], vocab) for r in rows]
+    summary = summarize(records, cfg.seed,
+                        [score(r, truth[r["image_id"]], vocab) for r in other] if cfg.compare else None)
     out = cfg.out or cfg.answers.removesuffix(".jsonl")
     with open(out + ".chair.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)

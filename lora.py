@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cli
+from cli import InputError
 from checkpoint import atomic_write
 from data import TOKEN_FILES
 from model import Muffin
@@ -160,7 +161,7 @@ def read_settings(path):
                        ("fan_in_fan_out", False), ("rank_pattern", {}), ("alpha_pattern", {}),
                        ("lora_bias", False)):
         if d.get(key) not in (plain, None):
-            raise ValueError(f"{file}: {key}={d[key]!r} is not supported (expected {plain!r})")
+            raise InputError(f"{file}: {key}={d[key]!r} is not supported (expected {plain!r})")
     targets = d["target_modules"]
     targets = [targets] if isinstance(targets, str) else targets
     return Settings(int(d["r"]), float(d["lora_alpha"]), float(d.get("lora_dropout", 0.0)), sorted(targets),
@@ -175,7 +176,7 @@ def load_adapter(model, path):
     missing, unexpected = sorted(want.keys() - sd.keys()), sorted(sd.keys() - want.keys())
     shapes = [k for k in want.keys() & sd.keys() if want[k].shape != sd[k].shape]
     if missing or unexpected or shapes:
-        raise ValueError(f"{file}: adapter does not fit the model: missing {missing[:3]}, unexpected "
+        raise InputError(f"{file}: adapter does not fit the model: missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}, mis-shaped {shapes[:3]}")
     with torch.no_grad():
         for name, m in adapters(model).items():
@@ -191,7 +192,7 @@ def base_path(path, settings):
     for candidate in (base, os.path.join(path, base)):
         if base and (os.path.exists(os.path.join(candidate, "config.json")) or is_adapter(candidate)):
             return candidate
-    raise ValueError(f"{os.path.join(path, 'adapter_config.json')}: base model {base!r} not found "
+    raise InputError(f"{os.path.join(path, 'adapter_config.json')}: base model {base!r} not found "
                      "(as written, or relative to the adapter directory)")
 
 
