@@ -54,6 +54,10 @@ SHAPES = {
     "llama-1.1b": (CONFIGS["llama-1.1b"], False, dict(rows=8, seq=1024, prompt=128, new_tokens=128)),
     "llama-1.1b-mm": (replace(CONFIGS["llama-1.1b"], im_patch_id=31999), True,
                       dict(rows=8, seq=1024, prompt=128, new_tokens=128)),
+    # Muffin-13B's width and tower with 4 of its 40 decoder blocks: the one-GPU memory plan's step
+    # (docs/one-gpu.md) measured on a card, 4 pairs of 2,048 tokens; the other blocks scale linearly
+    "muffin-13b-4": (replace(CONFIGS["muffin-13b"], llm=replace(CONFIGS["muffin-13b"].llm, num_hidden_layers=4),
+                             im_patch_id=32003), True, dict(rows=8, seq=2048, prompt=128, new_tokens=16)),
 }
 COLUMNS = ("step tok/s", "pairs/s", "MFU", "step GiB", "saved MiB", "states MiB", "ref tok/s",
            "dec@1 tok/s", "dec@1 GB/s", "dec@8 tok/s", "dec@8 GB/s", "beam3@1 tok/s")
