@@ -291,8 +291,9 @@ def run_shape(cfg, compared):
     c, vision, _ = SHAPES[cfg.shape]
     compare = cfg.compare and repr(c.llm) not in compared
     compared.add(repr(c.llm))
-    runs = ([(cfg.shape, vision, False)] + ([(f"{cfg.shape} +lora{cfg.lora_rank}", vision, True)] if cfg.lora_rank else [])
-            + ([(f"{cfg.shape} decoder", False, False)] if compare and vision else []))
+    runs = [(cfg.shape, vision, False)]  # (label, with the tower, with adapters)
+    runs += [(f"{cfg.shape} +lora{cfg.lora_rank}", vision, True)] if cfg.lora_rank else []
+    runs += [(f"{cfg.shape} decoder", False, False)] if compare and vision else []
     table = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, v, adapters in runs:

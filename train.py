@@ -442,8 +442,9 @@ def train(cfg):
 
 
 def place(model, cfg, sharded):
-    """What trains (the tower and its queries only without --freeze_vision; set before sharding,
-    which reads it), activation checkpointing, and where the weights live: FSDP2 shards or cfg.device."""
+    """What trains (the tower and its queries only without --freeze_vision and --lora_rank; set
+    before sharding, which reads it), activation checkpointing, and where the weights live: FSDP2
+    shards or cfg.device."""
     for part in (model.model.vision_tower, model.model.query):
         part.requires_grad_(not cfg.freeze_vision and not cfg.lora_rank)
     model.grad_checkpointing = cfg.grad_ckpt
