@@ -80,6 +80,12 @@ class TrainConfig:
     ablation: bool = False   # also run vanilla DPO (gamma 1) and SFT on the corrected answers
     seeds: str = ""          # "0,1,2": the miniature once per seed (<out_dir>/seed<S>) and a summary
     paper_decoding: bool = False  # evaluate every arm with RLHF-V's 3 beams, repetition penalty 1.1
+    ranking: bool = False    # also run vanilla DPO on rankings: two sampled answers, the one with fewer errors wins
+    rank_temperature: float = 1.0  # sampling of the two answers a ranking compares
+    rank_top_p: float = 1.0
+    rank_lr: float = 0.0     # the ranking arm's DPO rate (0: --lr)
+    n_pairs: int = 0         # train every arm on this many annotated pairs (a fixed, seeded subset); 0: all
+    scaling: str = ""        # "100,200,400": corrections vs rankings at each --n_pairs, each seed of --seeds
 
 
 def lr_at(step, cfg):
@@ -397,7 +403,7 @@ def main(argv):
     cfg = cli.parse_args(TrainConfig, argv, paths=("data", "init", "tokenizer"))
     if cfg.stage == "rlhfv":
         from miniature import rlhfv  # the one place the library reaches into the demonstration
-        (rlhfv.sweep if cfg.seeds else rlhfv.run)(cfg, train)
+        (rlhfv.scaling if cfg.scaling else rlhfv.sweep if cfg.seeds else rlhfv.run)(cfg, train)
     elif cfg.stage in ("sft", "ddpo"):
         if not cfg.data or (cfg.stage == "ddpo" and not cfg.init):
             raise cli.UsageError(f"--stage={cfg.stage} needs --data" + (" and --init" if cfg.stage == "ddpo" else ""))
