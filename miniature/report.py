@@ -3,6 +3,8 @@ report.png, report.html (one page to look at), and the summary of a sweep over s
 
     python train.py                              # out/results.json, report.png, report.html
     python train.py --seeds=0,1,2,3,4 --ablation # + out/sweep.json, sweep.md, report.html
+    python train.py --scaling=100,300,900 --seeds=0,1,2,3,4 --rounds=1 --steps=100
+                                                 # out/scaling.json, scaling.md, scaling.svg, report.html
     python -m pytest tests/test_report.py tests/test_rlhfv.py
 
 Uncertainty. Each rate is measured on one set of held-out scenes, and another set would give
@@ -695,10 +697,11 @@ def scaling_summary(outcomes, pairs):
                          for r in SCALING_RATES}
     rows = [{"arm": a, "size": n, "seed": s, "pairs": pairs[a, n, s], **values(strata(a, n, [s]))}
             for a in arms for n in sizes for s in seeds]
-    pooled = [{"arm": a, "size": n, "pairs": [min(pairs[a, n, s] for s in seeds), max(pairs[a, n, s] for s in seeds)],
+    pooled = [{"arm": a, "size": n, "pairs": [min(pairs[a, n, s] for s in seeds),
+                                              max(pairs[a, n, s] for s in seeds)],
                **values(strata(a, n, seeds))} for a in arms for n in sizes]
-    vs = [{"corrections": n, "rankings": m, **{r: paired(strata("ddpo", n, seeds), strata("dpo_rankings", m, seeds), r)
-                                                for r in SCALING_RATES}}
+    vs = [{"corrections": n, "rankings": m,
+           **{r: paired(strata("ddpo", n, seeds), strata("dpo_rankings", m, seeds), r) for r in SCALING_RATES}}
           for n in sizes for m in sizes if m >= n and len(arms) == 2]
     return {"seeds": seeds, "sizes": sizes, "arms": arms, "rows": rows,
             "sft": values(strata("sft", 0, seeds)), "pooled": pooled, "vs": vs}
@@ -777,12 +780,12 @@ def svg_scaling(summary, rate, width=560, height=320):
             out.append(f'<polyline points="{path}" fill="none" stroke="{colour(arm)}" stroke-width="1.8"/>')
         for p in points:
             x, (v, lo, hi) = X(p["size"], k), (100 * v for v in p[rate])
-            out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{Y(lo):.1f}" y2="{Y(hi):.1f}" stroke="{colour(arm)}"/>'
-                       f'<circle cx="{x:.1f}" cy="{Y(v):.1f}" r="3.5" fill="{colour(arm)}"/>')
+            out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{Y(lo):.1f}" y2="{Y(hi):.1f}" '
+                       f'stroke="{colour(arm)}"/><circle cx="{x:.1f}" cy="{Y(v):.1f}" r="3.5" fill="{colour(arm)}"/>')
         name = _label(arm) + (" (corrections)" if arm == "ddpo" else "")
         dash = ' stroke-dasharray="5 4"' if arm == "sft" else ""
-        out.append(f'<line x1="{at}" x2="{at + 18}" y1="34" y2="34" stroke="{colour(arm)}" stroke-width="3"{dash}/>'
-                   f'<text x="{at + 23}" y="38">{_e(name)}</text>')
+        out.append(f'<line x1="{at}" x2="{at + 18}" y1="34" y2="34" stroke="{colour(arm)}" '
+                   f'stroke-width="3"{dash}/><text x="{at + 23}" y="38">{_e(name)}</text>')
         at += 23 + 7 * len(name) + 16
     return "\n".join(out + ["</svg>"])
 

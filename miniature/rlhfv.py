@@ -3,6 +3,9 @@
     python train.py                  # runs this (stage rlhfv), every stage cached under --out_dir
     python train.py --ablation       # + vanilla DPO (gamma 1) and SFT on the corrected answers
     python train.py --seeds=0,1,2    # each seed in <out_dir>/seed<S>, then a summary over seeds
+    python train.py --ranking        # + vanilla DPO on rankings of two sampled answers
+    python train.py --scaling=100,300,900 --seeds=0,1,2,3,4 --rounds=1 --steps=100
+                                     # corrections against rankings per annotated pair (scaling.md)
     python -m pytest tests/test_rlhfv.py
 
 world + tokenizer -> the tower learns to see (BEiT-3's pre-training, in miniature) -> SFT on noisy
@@ -83,9 +86,10 @@ def train_arm(cfg, tok, train, name, kind, gamma, sft_dir, scenes, offset):
     """cfg.rounds on-policy rounds of one arm (RLHF-V's loop of collecting and correcting answers,
     run again on the improved model): each round's model describes `scenes`, its hallucinated answers
     are corrected, and the next model trains cfg.steps // cfg.rounds steps on them from it, with it as
-    the reference. Round 1 starts from SFT, whose collection (<out_dir>/collect) the arms share;
-    round r > 1 collects into collect_<name>_round<r>; the last round's model is <out_dir>/<name>,
-    the earlier ones <name>_round<r>."""
+    the reference. Round 1 starts from SFT, whose collection (<out_dir>/collect; the ranking arm's
+    kind "rank": collect_rankings) the arms share; round r > 1 collects into
+    collect_<name>_round<r>; the last round's model is <out_dir>/<name>, the earlier ones
+    <name>_round<r>. With --n_pairs each round trains on that many of its pairs (`capped`)."""
     model, first = sft_dir, "collect_rankings" if kind == "rank" else "collect"
     for r in range(1, cfg.rounds + 1):
         data_dir = os.path.join(cfg.out_dir, first if r == 1 else f"collect_{name}_round{r}")

@@ -195,7 +195,8 @@ def test_ranking_annotator_prefers_fewer_wrong_claims_and_drops_ties():
     `green` one (the square's colour), `green3` two (also the count), `left` one (the circle's
     place): fewer wins in either order; one error against another of another kind is a tie."""
     scene = world.Scene(3, (world.Obj("circle", "red", "small", 0, 2), world.Obj("square", "blue", "large", 1, 0)))
-    right = "There are two objects. There is a small red circle in the top right. There is a large blue square on the left."
+    right = ("There are two objects. There is a small red circle in the top right. "
+             "There is a large blue square on the left.")
     green = right.replace("blue", "green")
     green3 = green.replace("two", "three")
     left = right.replace("top right", "top left")
@@ -238,7 +239,8 @@ def test_scaling_summary_pools_over_seeds_with_a_row_per_arm_size_and_seed():
     outcomes = {("sft", 0, 0): per(3, 4), ("sft", 0, 1): per(3, 4),
                 ("ddpo", 1, 0): per(1, 3), ("ddpo", 1, 1): per(0, 4), ("ddpo", 2, 0): per(0, 4),
                 ("ddpo", 2, 1): per(0, 4), ("dpo_rankings", 1, 0): per(2, 4, 0.5),
-                ("dpo_rankings", 1, 1): per(2, 4, 0.5), ("dpo_rankings", 2, 0): per(1, 4), ("dpo_rankings", 2, 1): per(1, 4)}
+                ("dpo_rankings", 1, 1): per(2, 4, 0.5), ("dpo_rankings", 2, 0): per(1, 4),
+                ("dpo_rankings", 2, 1): per(1, 4)}
     pairs = {k: k[1] for k in outcomes if k[0] != "sft"}
     summary = report.scaling_summary(outcomes, pairs)
     assert sorted((r["arm"], r["size"], r["seed"]) for r in summary["rows"]) == sorted(pairs)
