@@ -2,6 +2,7 @@
 
     python train.py                                  # the whole miniature RLHF-V, offline (see README)
     python train.py --gamma=1                        # ... with vanilla DPO: the paper's Table 3 ablation
+    python train.py --scaling=100,300,900 --seeds=0,1,2,3,4 --rounds=1 --steps=100   # corrections vs rankings
     python train.py --stage=ddpo --data=pairs.jsonl --init=sft_ckpt --out_dir=out/run
     python train.py --stage=sft --data=sft.jsonl --model=mini --tokenizer=tok.model
     python train.py --stage=ddpo ... --resume        # continue an interrupted run exactly
@@ -85,6 +86,12 @@ class TrainConfig:
     ablation: bool = False   # also run vanilla DPO (gamma 1) and SFT on the corrected answers
     seeds: str = ""          # "0,1,2": the miniature once per seed (<out_dir>/seed<S>) and a summary
     paper_decoding: bool = False  # evaluate every arm with RLHF-V's 3 beams, repetition penalty 1.1
+    ranking: bool = False    # + vanilla DPO on rankings: of two sampled answers, the one with fewer errors wins
+    rank_temperature: float = 1.0  # sampling of the two answers a ranking compares
+    rank_top_p: float = 1.0
+    rank_lr: float = 0.0     # the ranking arm's DPO rate (0: --lr)
+    n_pairs: int = 0         # train every arm on this many annotated pairs (a fixed, seeded subset); 0: all
+    scaling: str = ""        # "100,200,400": corrections vs rankings at each --n_pairs, each seed of --seeds
     # LoRA (lora.py): rank-r adapters train, every base weight is frozen (bf16 on CUDA)
     lora_rank: int = 0       # 0: no adapters, every weight trains (the paper)
     lora_alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
@@ -552,7 +559,7 @@ def main(argv):
     if cfg.stage == "rlhfv":
         from miniature import rlhfv  # the one place the library reaches into the demonstration
         cfg = rlhfv.settle(cfg, cli.given(argv))  # its own lr, steps, ... under the options given
-        (rlhfv.sweep if cfg.seeds else rlhfv.run)(cfg, train)
+        (rlhfv.scaling if cfg.scaling else rlhfv.sweep if cfg.seeds else rlhfv.run)(cfg, train)
     elif cfg.stage in ("sft", "ddpo"):
         if not cfg.data or (cfg.stage == "ddpo" and not cfg.init):
             raise cli.UsageError(f"--stage={cfg.stage} needs --data" + (" and --init" if cfg.stage == "ddpo" else ""))

@@ -3,6 +3,8 @@ report.png, report.html (one page to look at), and the summary of a sweep over s
 
     python train.py                              # out/results.json, report.png, report.html
     python train.py --seeds=0,1,2,3,4 --ablation # + out/sweep.json, sweep.md, report.html
+    python train.py --scaling=100,300,900 --seeds=0,1,2,3,4 --rounds=1 --steps=100
+                                                 # out/scaling.json, scaling.md, scaling.svg, report.html
     python -m pytest tests/test_report.py tests/test_rlhfv.py
 
 Uncertainty. Each rate is measured on one set of held-out scenes, and another set would give
@@ -43,8 +45,10 @@ from stats import interval, paired_difference, ratio_draws, resample, significan
 
 WILSON = ("response_rate", *world.TYPES)  # proportions of answers; the others are bootstrapped
 PAIRED = ("response_rate", "mention_rate", "coverage")
-LABELS = {"sft": "SFT", "ddpo": "DDPO", "dpo": "vanilla DPO", "sft_corrected": "SFT on corrections"}
-COLOURS = {"sft": "#787878", "ddpo": "#1f77b4", "dpo": "#ff7f0e", "sft_corrected": "#2ca02c"}  # on every page
+LABELS = {"sft": "SFT", "ddpo": "DDPO", "dpo": "vanilla DPO", "sft_corrected": "SFT on corrections",
+          "dpo_rankings": "DPO on rankings"}
+COLOURS = {"sft": "#787878", "ddpo": "#1f77b4", "dpo": "#ff7f0e", "sft_corrected": "#2ca02c",
+           "dpo_rankings": "#d62728"}  # on every page
 
 
 def colour(m):
@@ -666,4 +670,143 @@ def write_sweep(cfg, runs):
     atomic_write(os.path.join(cfg.out_dir, "sweep.md"), md)
     atomic_write(os.path.join(cfg.out_dir, "report.html"), sweep_page(cfg, summary))
     print(f"wrote {cfg.out_dir}/sweep.json, sweep.md and report.html")
+    return summary
+
+
+# -------------------------------------------------------------------------------- scaling sweep
+
+SCALING_RATES = ("response_rate", "coverage")  # what the scaling sweep plots against the pairs
+
+
+def scaling_summary(outcomes, pairs):
+    """{(arm, size, seed): world.outcomes} (SFT as ("sft", 0, seed)) and {(arm, size, seed): pairs
+    trained on} -> {"seeds", "sizes", "arms",
+      "rows": [{"arm", "size", "seed", "pairs", rate: [value, low, high]}]  one per (arm, size, seed),
+      "sft": {rate: [value, low, high]},                                     pooled over seeds,
+      "pooled": [{"arm", "size", "pairs": [fewest, most], rate: [value, low, high]}],
+      "vs": [{"corrections", "rankings", rate: [ddpo - rankings, low, high]}]}   (fractions)
+    for each rate of SCALING_RATES: Wilson (response level) or bootstrap (coverage) intervals, and
+    paired differences of DDPO at one size against DPO on rankings at each size at least as large,
+    pooled over seeds with scenes resampled within each seed (as sweep_summary)."""
+    seeds = sorted({s for _, _, s in outcomes})
+    sizes = sorted({n for a, n, _ in outcomes if a != "sft"})
+    arms = [a for a in ("ddpo", "dpo_rankings") if any(k[0] == a for k in outcomes)]
+    counts = {s: resample(len(outcomes["sft", 0, s]), s) for s in seeds}
+    strata = lambda arm, n, ss: [(outcomes[arm, n, s], counts[s]) for s in ss]
+    values = lambda st: {r: [world.rate([o for per, _ in st for o in per], r), *rate_interval(st, r)]
+                         for r in SCALING_RATES}
+    rows = [{"arm": a, "size": n, "seed": s, "pairs": pairs[a, n, s], **values(strata(a, n, [s]))}
+            for a in arms for n in sizes for s in seeds]
+    pooled = [{"arm": a, "size": n, "pairs": [min(pairs[a, n, s] for s in seeds),
+                                              max(pairs[a, n, s] for s in seeds)],
+               **values(strata(a, n, seeds))} for a in arms for n in sizes]
+    vs = [{"corrections": n, "rankings": m,
+           **{r: paired(strata("ddpo", n, seeds), strata("dpo_rankings", m, seeds), r) for r in SCALING_RATES}}
+          for n in sizes for m in sizes if m >= n and len(arms) == 2]
+    return {"seeds": seeds, "sizes": sizes, "arms": arms, "rows": rows,
+            "sft": values(strata("sft", 0, seeds)), "pooled": pooled, "vs": vs}
+
+
+def scaling_markdown(summary):
+    """The pooled table (each arm's rate and coverage at each size, and the paired difference at the
+    same size), the matrix of DDPO at N corrections against rankings at M >= N, and one row per
+    (arm, size, seed)."""
+    cell = lambda v: f"{100 * v[0]:.1f}% [{100 * v[1]:.1f}, {100 * v[2]:.1f}]"
+    sign = lambda v: f"{100 * v[0]:+.1f} [{100 * v[1]:+.1f}, {100 * v[2]:+.1f}]"
+    pooled = {(p["arm"], p["size"]): p for p in summary["pooled"]}
+    vs = {(d["corrections"], d["rankings"]): d for d in summary["vs"]}
+    arms, sizes, seeds = summary["arms"], summary["sizes"], ", ".join(map(str, summary["seeds"]))
+    head = ["annotated pairs"] + [f"{_label(a)}: {w}" for a in arms for w in ("rate", "coverage")]
+    head += ["DDPO - rankings: rate", "coverage"] if len(arms) == 2 else []
+    out = [f"Pooled over seeds {seeds}: response-level hallucination rate (Wilson 95%) and coverage "
+           "(bootstrap 95%) of DDPO on corrected answers and vanilla DPO on rankings, trained on the "
+           "same number of annotated pairs; paired differences in points (95% paired bootstrap over "
+           "held-out scenes, resampled within each seed). SFT, the start of both: rate "
+           f"{cell(summary['sft']['response_rate'])}, coverage {cell(summary['sft']['coverage'])}.\n",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in sizes:
+        cells = [cell(pooled[a, n][r]) for a in arms for r in SCALING_RATES]
+        cells += [sign(vs[n, n][r]) for r in SCALING_RATES] if (n, n) in vs else []
+        out.append("| " + " | ".join([str(n), *cells]) + " |")
+    if vs:
+        out += ["", "Response-level rate, DDPO on N corrections minus DPO on M rankings (points, 95% paired "
+                "bootstrap; negative: the corrections hallucinate less):", "",
+                "| N \\ M | " + " | ".join(map(str, sizes)) + " |", "|" + "---|" * (len(sizes) + 1)]
+        for n in sizes:
+            out.append("| " + " | ".join([str(n), *(sign(vs[n, m]["response_rate"]) if (n, m) in vs else ""
+                                                     for m in sizes)]) + " |")
+    out += ["", "Each run (pairs: the annotated pairs it trained on):", "",
+            "| arm | size | seed | pairs | rate | coverage |", "|---|---|---|---|---|---|"]
+    out += [f"| {_label(r['arm'])} | {r['size']} | {r['seed']} | {r['pairs']} | {cell(r['response_rate'])} | "
+            f"{cell(r['coverage'])} |" for r in summary["rows"]]
+    return "\n".join(out) + "\n"
+
+
+def svg_scaling(summary, rate, width=560, height=320):
+    """One rate of the pooled summary against the annotated pairs (log scale), a line per arm with
+    its 95% intervals as whiskers, SFT's rate as a dashed line."""
+    left, right, top, bottom = 64, 24, 50, 46
+    sizes, pooled = summary["sizes"], summary["pooled"]
+    ys = [100 * v for p in pooled for v in p[rate][1:]] + [100 * v for v in summary["sft"][rate][1:]]
+    yt = _ticks(min(ys), max(ys))
+    lx = [math.log2(n) for n in sizes]
+    span = (max(lx) - min(lx)) or 1
+    X = lambda n, k=0: left + (width - left - right) * (0.06 + 0.88 * (math.log2(n) - min(lx)) / span) + 4 * k
+    Y = lambda y: height - bottom - (height - top - bottom) * (y - yt[0]) / ((yt[-1] - yt[0]) or 1)
+    title = {"response_rate": "Response-level hallucination rate (%)", "coverage": "Coverage (%)"}[rate]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="system-ui,sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{left}" y="16" font-size="14" font-weight="600">{_e(title)}</text>']
+    for v in yt:
+        out.append(f'<line x1="{left}" x2="{width - right}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="#eee"/>'
+                   f'<text x="{left - 6}" y="{Y(v) + 4:.1f}" text-anchor="end" fill="#555">{v:.4g}</text>')
+    for n in sizes:
+        out.append(f'<text x="{X(n):.1f}" y="{height - bottom + 15}" text-anchor="middle" fill="#555">{n}</text>')
+    out.append(f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
+               'fill="none" stroke="#999"/>'
+               f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">annotated '
+               'pairs (log scale)</text>'
+               f'<text transform="translate(14 {(top + height - bottom) / 2}) rotate(-90)" '
+               f'text-anchor="middle">% (95% interval)</text>')
+    sft = Y(100 * summary["sft"][rate][0])
+    out.append(f'<line x1="{left}" x2="{width - right}" y1="{sft:.1f}" y2="{sft:.1f}" stroke="{colour("sft")}" '
+               'stroke-dasharray="5 4"/>')
+    at = left
+    for k, arm in enumerate([*summary["arms"], "sft"]):
+        points = [p for p in pooled if p["arm"] == arm]
+        if points:
+            path = " ".join(f"{X(p['size'], k):.1f},{Y(100 * p[rate][0]):.1f}" for p in points)
+            out.append(f'<polyline points="{path}" fill="none" stroke="{colour(arm)}" stroke-width="1.8"/>')
+        for p in points:
+            x, (v, lo, hi) = X(p["size"], k), (100 * v for v in p[rate])
+            out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{Y(lo):.1f}" y2="{Y(hi):.1f}" '
+                       f'stroke="{colour(arm)}"/><circle cx="{x:.1f}" cy="{Y(v):.1f}" r="3.5" fill="{colour(arm)}"/>')
+        name = _label(arm) + (" (corrections)" if arm == "ddpo" else "")
+        dash = ' stroke-dasharray="5 4"' if arm == "sft" else ""
+        out.append(f'<line x1="{at}" x2="{at + 18}" y1="34" y2="34" stroke="{colour(arm)}" '
+                   f'stroke-width="3"{dash}/><text x="{at + 23}" y="38">{_e(name)}</text>')
+        at += 23 + 7 * len(name) + 16
+    return "\n".join(out + ["</svg>"])
+
+
+def write_scaling(cfg, outcomes, pairs):
+    """scaling.json, scaling.md (printed), scaling.svg (both rates side by side) and report.html in
+    cfg.out_dir, from the outcomes and pair counts of rlhfv.scaling. -> the summary"""
+    summary = scaling_summary(outcomes, pairs)
+    md = scaling_markdown(summary)
+    print("\n" + md)
+    plots = [svg_scaling(summary, r) for r in SCALING_RATES]
+    svg = ('<svg xmlns="http://www.w3.org/2000/svg" width="1120" height="320">'
+           + "".join(f'<g transform="translate({560 * k} 0)">{p}</g>' for k, p in enumerate(plots)) + "</svg>\n")
+    atomic_write(os.path.join(cfg.out_dir, "scaling.json"), json.dumps(summary, indent=2))
+    atomic_write(os.path.join(cfg.out_dir, "scaling.md"), md)
+    atomic_write(os.path.join(cfg.out_dir, "scaling.svg"), svg)
+    title = f"Corrections against rankings, seeds {', '.join(map(str, summary['seeds']))}"
+    body = (f"<h1>{_e(title)}</h1><p class=sub>DDPO on corrected answers and vanilla DPO on preference "
+            "rankings, from the same SFT model, at each number of annotated pairs; pooled over seeds</p>"
+            f'<div class="plots">{"".join(plots)}</div><h2>Tables</h2><pre>{_e(md)}</pre>'
+            + _footer(cfg, ",".join(map(str, summary["seeds"]))))
+    atomic_write(os.path.join(cfg.out_dir, "report.html"), _shell(title, body))
+    print(f"wrote {cfg.out_dir}/scaling.json, scaling.md, scaling.svg and report.html")
     return summary

@@ -3,6 +3,9 @@
     python train.py                  # runs this (stage rlhfv), every stage cached under --out_dir
     python train.py --ablation       # + vanilla DPO (gamma 1) and SFT on the corrected answers
     python train.py --seeds=0,1,2    # each seed in <out_dir>/seed<S>, then a summary over seeds
+    python train.py --ranking        # + vanilla DPO on rankings of two sampled answers
+    python train.py --scaling=100,300,900 --seeds=0,1,2,3,4 --rounds=1 --steps=100
+                                     # corrections against rankings per annotated pair (scaling.md)
     python -m pytest tests/test_rlhfv.py
 
 world + tokenizer -> the tower learns to see (BEiT-3's pre-training, in miniature) -> SFT on noisy
@@ -49,6 +52,23 @@ def settle(cfg, given=()):
 def run(cfg, train):
     """Every stage of the module docstring, each skipped when its output is already on disk.
     cfg: train.py's TrainConfig; train: train.py's training loop, called with one config a stage."""
+    tok, (train_scenes, test_scenes), n_sft, sft_dir = prepare(cfg, train)
+    arms = {"ddpo" if cfg.gamma != 1 else "dpo": ("ddpo", cfg.gamma)}
+    if cfg.ablation:
+        arms.update(dpo=("ddpo", 1.0), sft_corrected=("sft", cfg.gamma))
+    if cfg.ranking:
+        arms.update(dpo_rankings=("rank", 1.0))
+    arms = {name + (f"_n{cfg.n_pairs}" if cfg.n_pairs else ""): arm for name, arm in arms.items()}
+    for name, (kind, gamma) in arms.items():
+        train_arm(cfg, tok, train, name, kind, gamma, sft_dir, train_scenes[n_sft:], n_sft)
+    answers = {name: evaluate(cfg, tok, os.path.join(cfg.out_dir, name), test_scenes) for name in ["sft", *arms]}
+    report.write(cfg, test_scenes, answers)
+    return test_scenes, answers
+
+
+def prepare(cfg, train):
+    """The stages every arm starts from: world + tokenizer, the tower, SFT.
+    -> (tokenizer, (train scenes, test scenes), number of SFT scenes, the SFT model's dir)"""
     if not 1 <= cfg.rounds <= cfg.steps:
         raise cli.UsageError(f"--rounds={cfg.rounds}: must be at least 1 and at most --steps={cfg.steps}")
     out, wdir = cfg.out_dir, os.path.join(cfg.out_dir, "world")
@@ -68,14 +88,7 @@ def run(cfg, train):
             train(stage_config(cfg, "sft", stage="sft", data=os.path.join(wdir, "sft.jsonl"),
                                tokenizer=tok_file, init=vision_dir, steps=cfg.sft_steps, lr=cfg.sft_lr,
                                max_len=512, lora_rank=0))  # a fresh decoder: all of it learns
-    arms = {"ddpo" if cfg.gamma != 1 else "dpo": ("ddpo", cfg.gamma)}
-    if cfg.ablation:
-        arms.update(dpo=("ddpo", 1.0), sft_corrected=("sft", cfg.gamma))
-    for name, (kind, gamma) in arms.items():
-        train_arm(cfg, tok, train, name, kind, gamma, sft_dir, train_scenes[n_sft:], n_sft)
-    answers = {name: evaluate(cfg, tok, os.path.join(out, name), test_scenes) for name in ["sft", *arms]}
-    report.write(cfg, test_scenes, answers)
-    return test_scenes, answers
+    return tok, (train_scenes, test_scenes), n_sft, sft_dir
 
 
 def stage_config(cfg, name, **kw):
@@ -87,22 +100,23 @@ def train_arm(cfg, tok, train, name, kind, gamma, sft_dir, scenes, offset):
     """cfg.rounds on-policy rounds of one arm (RLHF-V's loop of collecting and correcting answers,
     run again on the improved model): each round's model describes `scenes`, its hallucinated answers
     are corrected, and the next model trains cfg.steps // cfg.rounds steps on them from it, with it as
-    the reference. Round 1 starts from SFT, whose collection (<out_dir>/collect) the arms share;
-    round r > 1 collects into collect_<name>_round<r>; the last round's model is <out_dir>/<name>,
-    the earlier ones <name>_round<r>."""
-    model = sft_dir
+    the reference. Round 1 starts from SFT, whose collection (<out_dir>/collect; the ranking arm's
+    kind "rank": collect_rankings) the arms share; round r > 1 collects into
+    collect_<name>_round<r>; the last round's model is <out_dir>/<name>, the earlier ones
+    <name>_round<r>. With --n_pairs each round trains on that many of its pairs (`capped`)."""
+    model, first = sft_dir, "collect_rankings" if kind == "rank" else "collect"
     for r in range(1, cfg.rounds + 1):
-        data_dir = os.path.join(cfg.out_dir, "collect" if r == 1 else f"collect_{name}_round{r}")
+        data_dir = os.path.join(cfg.out_dir, first if r == 1 else f"collect_{name}_round{r}")
         if not os.path.exists(os.path.join(data_dir, "pairs.jsonl")):
             with timed(cfg.out_dir, os.path.basename(data_dir)):
-                collect(cfg, tok, model, scenes, offset, data_dir)
+                (collect_rankings if kind == "rank" else collect)(cfg, tok, model, scenes, offset, data_dir)
         stage = name if r == cfg.rounds else f"{name}_round{r}"
         if not finished(os.path.join(cfg.out_dir, stage)):
             with timed(cfg.out_dir, stage):
-                data = os.path.join(data_dir, "pairs.jsonl" if kind == "ddpo" else "pairs_sft.jsonl")
-                train(stage_config(cfg, stage, stage=kind, data=data, init=model, gamma=gamma,
-                                   steps=cfg.steps // cfg.rounds, max_len=512,
-                                   ref_cache=os.path.join(data_dir, "ref_logps.safetensors")))
+                data, ref = capped(cfg, data_dir, "pairs_sft" if kind == "sft" else "pairs")
+                lr = cfg.rank_lr or cfg.lr if kind == "rank" else cfg.lr
+                train(stage_config(cfg, stage, stage="sft" if kind == "sft" else "ddpo", data=data, init=model,
+                                   gamma=gamma, lr=lr, steps=cfg.steps // cfg.rounds, max_len=512, ref_cache=ref))
         model = os.path.join(cfg.out_dir, stage)
 
 
@@ -113,6 +127,58 @@ def sweep(cfg, train):
     for s in (int(s) for s in cfg.seeds.split(",")):
         runs[s] = run(replace(cfg, seed=s, seeds="", out_dir=os.path.join(cfg.out_dir, f"seed{s}")), train)
     report.write_sweep(cfg, runs)
+
+
+def scaling(cfg, train):
+    """The data claim of RLHF-V: corrected answers against preference rankings, per annotated pair.
+    On each seed of --seeds (<out_dir>/seed<S>, the stages before the arms cached as usual), DDPO on
+    corrections and vanilla DPO on rankings train on each size of --scaling (nested subsets of
+    their round-1 collections, see `capped`; arms <arm>_n<size>), and are evaluated on the held-out
+    scenes; then report.write_scaling: scaling.json, scaling.md, scaling.svg and report.html."""
+    sizes = [int(n) for n in cfg.scaling.split(",")]
+    outcomes, pairs = {}, {}
+    for s in (int(s) for s in (cfg.seeds or str(cfg.seed)).split(",")):
+        scfg = replace(cfg, seed=s, seeds="", scaling="", out_dir=os.path.join(cfg.out_dir, f"seed{s}"))
+        tok, (train_scenes, test_scenes), n_sft, sft_dir = prepare(scfg, train)
+        outcomes["sft", 0, s] = world.outcomes(test_scenes, evaluate(scfg, tok, sft_dir, test_scenes))
+        for n in sizes:
+            ncfg = replace(scfg, n_pairs=n)
+            for arm, kind, gamma in (("ddpo", "ddpo", cfg.gamma), ("dpo_rankings", "rank", 1.0)):
+                name = f"{arm}_n{n}"
+                train_arm(ncfg, tok, train, name, kind, gamma, sft_dir, train_scenes[n_sft:], n_sft)
+                answers = evaluate(ncfg, tok, os.path.join(scfg.out_dir, name), test_scenes)
+                outcomes[arm, n, s] = world.outcomes(test_scenes, answers)
+                data = os.path.join(scfg.out_dir, "collect_rankings" if kind == "rank" else "collect")
+                with open(capped(ncfg, data, "pairs")[0]) as f:
+                    pairs[arm, n, s] = sum(1 for line in f if line.strip())
+    return report.write_scaling(cfg, outcomes, pairs)
+
+
+def nested_subset(n_rows, n, seed):
+    """Indices (ascending) of n of n_rows rows, fixed by the seed and nested: the first n of one
+    seeded permutation, so the 500 of a collection contain its 250. n 0 or >= n_rows: all."""
+    if not n or n >= n_rows:
+        return list(range(n_rows))
+    order = list(range(n_rows))
+    random.Random(seed).shuffle(order)
+    return sorted(order[:n])
+
+
+def capped(cfg, data_dir, name):
+    """(<data_dir>/<name>.jsonl, its reference cache), or with --n_pairs the file of that many of
+    its rows (nested_subset) and a cache of its own, written once: pairs.jsonl and pairs_sft.jsonl
+    keep the same rows."""
+    if not cfg.n_pairs:
+        return os.path.join(data_dir, name + ".jsonl"), os.path.join(data_dir, "ref_logps.safetensors")
+    path = os.path.join(data_dir, f"{name}_n{cfg.n_pairs}.jsonl")
+    if not os.path.exists(path):
+        with open(os.path.join(data_dir, name + ".jsonl")) as f:
+            rows = [line for line in f if line.strip()]
+        keep = nested_subset(len(rows), cfg.n_pairs, cfg.seed)
+        if len(keep) < cfg.n_pairs:
+            print(f"--n_pairs={cfg.n_pairs}: {data_dir} has only {len(rows)} pairs; training on all of them")
+        atomic_write(path, "".join(rows[i] for i in keep))
+    return path, os.path.join(data_dir, f"ref_logps_n{cfg.n_pairs}.safetensors")
 
 
 def finished(run_dir):
@@ -261,6 +327,37 @@ def collect(cfg, tok, model_dir, scenes, offset, data_dir):
     print(f"collect: {len(pairs)} of {len(scenes)} answers had a hallucination and were corrected")
     write_jsonl(os.path.join(data_dir, "pairs_sft.jsonl"), [{**p, "answer": p["chosen"]} for p in pairs])
     write_jsonl(os.path.join(data_dir, "pairs.jsonl"), pairs)  # last: it marks the collection complete
+
+
+def wrong_claims(scene, answer):
+    return sum(not v.ok for v in world.check(scene, answer))
+
+
+def rank(scene, a, b):
+    """The ranking annotator: of two answers, (chosen, rejected) by their number of wrong claims,
+    fewer wins; None on a tie (a ranking has no preference there, whatever the errors)."""
+    wa, wb = wrong_claims(scene, a), wrong_claims(scene, b)
+    return None if wa == wb else (a, b) if wa < wb else (b, a)
+
+
+def collect_rankings(cfg, tok, model_dir, scenes, offset, data_dir):
+    """Preference rankings, as LLaVA-RLHF's annotators give them: the model answers each training
+    scene twice, sampled (--rank_temperature, --rank_top_p; greedy would answer the same twice), and
+    the answer with fewer wrong claims is chosen (`rank`); ties give no pair. Nothing is corrected,
+    so DPO learns from whole answers (gamma 1). -> <data_dir>/pairs.jsonl"""
+    prompts = [world.DESCRIBE_PROMPTS[i % len(world.DESCRIBE_PROMPTS)] for i in range(len(scenes))]
+    images = [f"images/train{offset + i}.png" for i in range(len(scenes))]
+    paths = [os.path.join(cfg.out_dir, "world", p) for p in images]
+    torch.manual_seed(cfg.seed)
+    answers = describe_all(model_dir, tok, paths * 2, prompts * 2, cfg, temperature=cfg.rank_temperature,
+                           top_p=cfg.rank_top_p)
+    pairs = []
+    for i, (a, b) in enumerate(zip(answers[:len(scenes)], answers[len(scenes):])):
+        if (ranked := rank(scenes[i], a, b)) is not None:
+            pairs.append({"image": f"../world/{images[i]}", "question": prompts[i], "chosen": ranked[0],
+                          "rejected": ranked[1]})
+    print(f"collect_rankings: {len(pairs)} of {len(scenes)} answer pairs ranked (the others tied)")
+    write_jsonl(os.path.join(data_dir, "pairs.jsonl"), pairs)
 
 
 def evaluate(cfg, tok, model_dir, scenes):

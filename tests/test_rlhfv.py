@@ -206,3 +206,94 @@ def test_paper_decoding_evaluates_with_rlhfvs_beams(tmp_path, tok, init_ckpt, mo
     assert calls == [{"max_new_tokens": 96},
                      {"max_new_tokens": 96, "num_beams": 3, "repetition_penalty": 1.1}]
     assert (init_ckpt / "eval.json").exists() and (init_ckpt / "eval_paper_decoding.json").exists()
+
+
+def test_ranking_annotator_prefers_fewer_wrong_claims_and_drops_ties():
+    """A red small circle top right and a blue large square on the left. `right` makes no wrong claim,
+    `green` one (the square's colour), `green3` two (also the count), `left` one (the circle's
+    place): fewer wins in either order; one error against another of another kind is a tie."""
+    scene = world.Scene(3, (world.Obj("circle", "red", "small", 0, 2), world.Obj("square", "blue", "large", 1, 0)))
+    right = ("There are two objects. There is a small red circle in the top right. "
+             "There is a large blue square on the left.")
+    green = right.replace("blue", "green")
+    green3 = green.replace("two", "three")
+    left = right.replace("top right", "top left")
+    assert [rlhfv.wrong_claims(scene, a) for a in (right, green, green3, left)] == [0, 1, 2, 1]
+    assert rlhfv.rank(scene, right, green) == rlhfv.rank(scene, green, right) == (right, green)
+    assert rlhfv.rank(scene, green3, green) == (green, green3)
+    assert rlhfv.rank(scene, green, left) is None
+    assert rlhfv.rank(scene, right, right) is None
+
+
+def test_n_pairs_takes_a_fixed_seeded_nested_subset(tmp_path):
+    a, b = rlhfv.nested_subset(1000, 250, 0), rlhfv.nested_subset(1000, 500, 0)
+    assert len(a) == 250 and len(b) == 500 and set(a) < set(b) and a == sorted(a)
+    assert rlhfv.nested_subset(1000, 250, 0) == a and rlhfv.nested_subset(1000, 250, 1) != a
+    assert rlhfv.nested_subset(10, 0, 0) == rlhfv.nested_subset(10, 20, 0) == list(range(10))
+    # the capped files of a collection: the same rows of pairs.jsonl and pairs_sft.jsonl
+    rows = [{"image": f"i{i}.png", "question": "q", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(10)]
+    rlhfv.write_jsonl(str(tmp_path / "pairs.jsonl"), rows)
+    rlhfv.write_jsonl(str(tmp_path / "pairs_sft.jsonl"), [{**r, "answer": r["chosen"]} for r in rows])
+    cfg = train.TrainConfig(seed=3)
+    assert rlhfv.capped(cfg, str(tmp_path), "pairs") == (str(tmp_path / "pairs.jsonl"),
+                                                         str(tmp_path / "ref_logps.safetensors"))
+    kept = {}
+    for n in (4, 8):
+        for name in ("pairs", "pairs_sft"):
+            path, ref = rlhfv.capped(replace(cfg, n_pairs=n), str(tmp_path), name)
+            assert ref == str(tmp_path / f"ref_logps_n{n}.safetensors")
+            with open(path) as f:
+                kept[n, name] = [json.loads(line)["chosen"] for line in f]
+        assert kept[n, "pairs"] == kept[n, "pairs_sft"] == [f"c{i}" for i in rlhfv.nested_subset(10, n, 3)]
+    assert set(kept[4, "pairs"]) < set(kept[8, "pairs"])
+
+
+def test_scaling_summary_pools_over_seeds_with_a_row_per_arm_size_and_seed():
+    """Two seeds of 4 scenes; an answer either mentions nothing, or hallucinates or not. Pooled DDPO
+    at 1 pair: 1 + 0 hallucinated of 3 + 4 mentioning = 1/7; rankings at 1: 2 + 2 of 4 + 4 = 4/8."""
+    def per(hallucinated, mentions, coverage=1.0):
+        return [{"mentions": int(i < mentions), "hallucinated": int(i < hallucinated), "coverage": coverage}
+                for i in range(4)]
+    outcomes = {("sft", 0, 0): per(3, 4), ("sft", 0, 1): per(3, 4),
+                ("ddpo", 1, 0): per(1, 3), ("ddpo", 1, 1): per(0, 4), ("ddpo", 2, 0): per(0, 4),
+                ("ddpo", 2, 1): per(0, 4), ("dpo_rankings", 1, 0): per(2, 4, 0.5),
+                ("dpo_rankings", 1, 1): per(2, 4, 0.5), ("dpo_rankings", 2, 0): per(1, 4),
+                ("dpo_rankings", 2, 1): per(1, 4)}
+    pairs = {k: k[1] for k in outcomes if k[0] != "sft"}
+    summary = report.scaling_summary(outcomes, pairs)
+    assert sorted((r["arm"], r["size"], r["seed"]) for r in summary["rows"]) == sorted(pairs)
+    pooled = {(p["arm"], p["size"]): p for p in summary["pooled"]}
+    assert pooled["ddpo", 1]["response_rate"][0] == pytest.approx(1 / 7)
+    assert pooled["dpo_rankings", 1]["response_rate"][0] == pytest.approx(4 / 8)
+    assert pooled["dpo_rankings", 1]["coverage"][0] == pytest.approx(0.5)
+    assert summary["sft"]["response_rate"][0] == pytest.approx(6 / 8)
+    assert [(d["corrections"], d["rankings"]) for d in summary["vs"]] == [(1, 1), (1, 2), (2, 2)]
+    assert summary["vs"][0]["response_rate"][0] == pytest.approx(1 / 7 - 4 / 8)
+    assert summary["vs"][0]["coverage"][0] == pytest.approx(0.5)
+
+
+def test_scaling_sweep_trains_both_arms_at_each_size(toy, tmp_path):
+    """--scaling on the toy run's cached stages (world, tower, SFT, corrections): the rankings are
+    collected once, each arm trains at each size on that many pairs, and the summary has one row
+    per (arm, size, seed)."""
+    for d in ("world", "vision", "sft", "collect"):
+        shutil.copytree(os.path.join(toy.out_dir, d), tmp_path / "seed0" / d)
+    cfg = replace(toy, out_dir=str(tmp_path), seeds="0", scaling="4,8", rounds=1)
+    summary = rlhfv.scaling(cfg, train.train)
+    assert sorted((r["arm"], r["size"], r["seed"]) for r in summary["rows"]) == [
+        ("ddpo", 4, 0), ("ddpo", 8, 0), ("dpo_rankings", 4, 0), ("dpo_rankings", 8, 0)]
+    with open(tmp_path / "seed0" / "collect_rankings" / "pairs.jsonl") as f:
+        ranked = [json.loads(line) for line in f]
+    scenes, _ = world.make_world(0, cfg.n_train, cfg.n_test)
+    for row in summary["rows"]:
+        data = "collect_rankings" if row["arm"] == "dpo_rankings" else "collect"
+        with open(tmp_path / "seed0" / data / f"pairs_n{row['size']}.jsonl") as f:
+            assert sum(1 for _ in f) == row["pairs"] <= row["size"]
+        assert os.path.exists(tmp_path / "seed0" / f"{row['arm']}_n{row['size']}" / "eval.json")
+    for p in ranked:  # the chosen answer has fewer wrong claims than the rejected one
+        i = int(p["image"].split("train")[1].split(".")[0])
+        assert rlhfv.wrong_claims(scenes[i], p["chosen"]) < rlhfv.wrong_claims(scenes[i], p["rejected"])
+    for f in ("scaling.json", "scaling.md", "scaling.svg", "report.html"):
+        assert os.path.exists(tmp_path / f), f
+    with open(tmp_path / "report.html") as f:
+        assert f.read().count("<svg") == 2
