@@ -149,7 +149,7 @@ def preflight(records, batcher, cfg, rank=0):
     if not reasons:
         return
     counts = ", ".join(f"{v} {k}" for k, v in reasons.most_common())
-    looked = f"its {n} rows" if len(picked) == n else f"{len(picked)} of its {n} rows, spread over it,"
+    looked = f"its {n} rows" if len(picked) == n else f"{len(picked)} of its {n} rows (spread over it)"
     if sum(reasons.values()) == len(picked):
         top = reasons.most_common(1)[0][0]
         raise InputError(f"{records.path}: no usable row for --stage={cfg.stage} in {looked}: {counts}; "
