@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 
 import cli

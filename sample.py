@@ -292,7 +292,7 @@ def read_questions(path):
     question_id (given, or the row's index in the file), image_id (None if absent), question, and the
     image: PIL RGB from base64 (RLHF-V's Object HalBench file) or from a path relative to the file."""
     if not os.path.isfile(path):
-        raise cli.UsageError(f"--questions={path}: no such file")
+        raise cli.InputError(f"{path}: not a file; --questions expects JSON lines")
     rows, bad, where = [], [], os.path.dirname(os.path.abspath(path))
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
