@@ -26,6 +26,17 @@ class InputError(ValueError):
     The user's data is wrong, not the program: no traceback (a genuine bug keeps its own)."""
 
 
+def json_lines(path, expected):
+    """(line number, text) of each line of a JSON-lines file that is not blank. A path that is not a
+    file is an InputError naming what the option expected."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: not a file; expected {expected}")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield n, line
+
+
 def run(main):
     """Call main(sys.argv[1:]) as a program's entry point."""
     try:

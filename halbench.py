@@ -236,22 +236,17 @@ def read_answers(path):
     """[{question_id, image_id, question, answer}] of an answers file, in RLHF-V's field names or
     ours ("text" else "answer", "prompt" else "question"); "Assistant:" deleted as RLHF-V's loader
     did."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                answer = row["text"] if "text" in row else row["answer"]  # RLHF-V's loader's order
-                rows.append({"question_id": row.get("question_id", n - 1), "image_id": int(row["image_id"]),
-                             "question": row["prompt"] if "prompt" in row else row.get("question", ""),
-                             "answer": answer.replace("Assistant:", "").strip()})
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise InputError(f"{path}:{n}: expected a JSON object with image_id and answer (or text) "
-                                 f"({type(e).__name__}: {e})") from None
+    for n, line in cli.json_lines(path, "answers as JSON lines"):
+        try:
+            row = json.loads(line)
+            answer = row["text"] if "text" in row else row["answer"]  # RLHF-V's loader's order
+            rows.append({"question_id": row.get("question_id", n - 1), "image_id": int(row["image_id"]),
+                         "question": row["prompt"] if "prompt" in row else row.get("question", ""),
+                         "answer": answer.replace("Assistant:", "").strip()})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"{path}:{n}: expected a JSON object with image_id and answer (or text) "
+                             f"({type(e).__name__}: {e})") from None
     if not rows:
         raise InputError(f"{path}: no answers")
     return rows

@@ -291,21 +291,16 @@ def read_questions(path):
     """The rows of a question file -> ([(line number, row)], [(line number, why it is bad)]). A row:
     question_id (given, or the row's index in the file), image_id (None if absent), question, and the
     image: PIL RGB from base64 (RLHF-V's Object HalBench file) or from a path relative to the file."""
-    if not os.path.isfile(path):
-        raise cli.InputError(f"{path}: not a file; --questions expects JSON lines")
     rows, bad, where = [], [], os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("question"), str) or "image" not in row:
-                    raise ValueError("expected a JSON object with image and question")
-                rows.append((n, {"question_id": row.get("question_id", n - 1), "image_id": row.get("image_id"),
-                                 "question": row["question"], "image": question_image(row["image"], where)}))
-            except ValueError as e:
-                bad.append((n, str(e).splitlines()[0]))
+    for n, line in cli.json_lines(path, "questions as JSON lines"):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("question"), str) or "image" not in row:
+                raise ValueError("expected a JSON object with image and question")
+            rows.append((n, {"question_id": row.get("question_id", n - 1), "image_id": row.get("image_id"),
+                             "question": row["question"], "image": question_image(row["image"], where)}))
+        except ValueError as e:
+            bad.append((n, str(e).splitlines()[0]))
     return rows, bad
 
 
