@@ -684,10 +684,12 @@ def scaling_summary(outcomes, pairs):
       "rows": [{"arm", "size", "seed", "pairs", rate: [value, low, high]}]  one per (arm, size, seed),
       "sft": {rate: [value, low, high]},                                     pooled over seeds,
       "pooled": [{"arm", "size", "pairs": [fewest, most], rate: [value, low, high]}],
-      "vs": [{"corrections", "rankings", rate: [ddpo - rankings, low, high]}]}   (fractions)
-    for each rate of SCALING_RATES: Wilson (response level) or bootstrap (coverage) intervals, and
+      "vs": [{"corrections", "rankings", rate: [ddpo - rankings, low, high]}],
+      "along": [{"arm", "from", "to", rate: [arm at `to` - arm at `from`, low, high]}]}   (fractions)
+    for each rate of SCALING_RATES: Wilson (response level) or bootstrap (coverage) intervals;
     paired differences of DDPO at one size against DPO on rankings at each size at least as large,
-    pooled over seeds with scenes resampled within each seed (as sweep_summary)."""
+    and along each arm's curve (each size against the one before, and the largest against the
+    smallest), pooled over seeds with scenes resampled within each seed (as sweep_summary)."""
     seeds = sorted({s for _, _, s in outcomes})
     sizes = sorted({n for a, n, _ in outcomes if a != "sft"})
     arms = [a for a in ("ddpo", "dpo_rankings") if any(k[0] == a for k in outcomes)]
@@ -703,8 +705,12 @@ def scaling_summary(outcomes, pairs):
     vs = [{"corrections": n, "rankings": m,
            **{r: paired(strata("ddpo", n, seeds), strata("dpo_rankings", m, seeds), r) for r in SCALING_RATES}}
           for n in sizes for m in sizes if m >= n and len(arms) == 2]
+    steps = list(zip(sizes, sizes[1:])) + ([(sizes[0], sizes[-1])] if len(sizes) > 2 else [])
+    along = [{"arm": a, "from": n, "to": m,
+              **{r: paired(strata(a, m, seeds), strata(a, n, seeds), r) for r in SCALING_RATES}}
+             for a in arms for n, m in steps]
     return {"seeds": seeds, "sizes": sizes, "arms": arms, "rows": rows,
-            "sft": values(strata("sft", 0, seeds)), "pooled": pooled, "vs": vs}
+            "sft": values(strata("sft", 0, seeds)), "pooled": pooled, "vs": vs, "along": along}
 
 
 def scaling_markdown(summary):
@@ -735,6 +741,12 @@ def scaling_markdown(summary):
         for n in sizes:
             out.append("| " + " | ".join([str(n), *(sign(vs[n, m]["response_rate"]) if (n, m) in vs else ""
                                                      for m in sizes)]) + " |")
+    if summary["along"]:
+        out += ["", "Along each curve: the larger number of pairs minus the smaller, same arm (points, 95% "
+                "paired bootstrap; a negative rate: more pairs, fewer hallucinations):", "",
+                "| arm | pairs | rate | coverage |", "|---|---|---|---|"]
+        out += [f"| {_label(d['arm'])} | {d['from']} -> {d['to']} | {sign(d['response_rate'])} | "
+                f"{sign(d['coverage'])} |" for d in summary["along"]]
     out += ["", "Each run (pairs: the annotated pairs it trained on):", "",
             "| arm | size | seed | pairs | rate | coverage |", "|---|---|---|---|---|---|"]
     out += [f"| {_label(r['arm'])} | {r['size']} | {r['seed']} | {r['pairs']} | {cell(r['response_rate'])} | "

@@ -270,6 +270,13 @@ def test_scaling_summary_pools_over_seeds_with_a_row_per_arm_size_and_seed():
     assert [(d["corrections"], d["rankings"]) for d in summary["vs"]] == [(1, 1), (1, 2), (2, 2)]
     assert summary["vs"][0]["response_rate"][0] == pytest.approx(1 / 7 - 4 / 8)
     assert summary["vs"][0]["coverage"][0] == pytest.approx(0.5)
+    # along a curve, the larger size minus the smaller: DDPO 0/8 - 1/7, rankings 2/8 - 4/8
+    along = {(d["arm"], d["from"], d["to"]): d for d in summary["along"]}
+    assert along.keys() == {("ddpo", 1, 2), ("dpo_rankings", 1, 2)}  # two sizes: no extra largest-smallest row
+    assert along["ddpo", 1, 2]["response_rate"][0] == pytest.approx(0 - 1 / 7)
+    assert along["dpo_rankings", 1, 2]["response_rate"][0] == pytest.approx(2 / 8 - 4 / 8)
+    assert along["dpo_rankings", 1, 2]["coverage"][0] == pytest.approx(0.5)
+    assert "| DPO on rankings | 1 -> 2 | -25.0 [" in report.scaling_markdown(summary)
 
 
 def test_scaling_sweep_trains_both_arms_at_each_size(toy, tmp_path):
