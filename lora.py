@@ -33,6 +33,7 @@ from model import Muffin
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # in every decoder block
 OPT_IN = ("mm_projector",)  # the projector from the queries into the decoder
+VISION = ("model.vision_tower", "model.query")  # --lora_vision: trained in full beside the adapters
 PREFIX = "base_model.model."  # PEFT's names: its wrappers' attribute path in front of the model's own
 
 
@@ -78,6 +79,7 @@ class Settings:
     lora_dropout: float
     target_modules: list
     base_model_name_or_path: str
+    modules_to_save: tuple = ()  # parts trained in full (VISION or nothing), saved whole
 
 
 def parse_targets(text):
@@ -100,17 +102,28 @@ def targeted(model, targets):
             yield name, module
 
 
-def apply(model, rank, alpha, dropout, targets=TARGETS, base=""):
+def apply(model, rank, alpha, dropout, targets=TARGETS, base="", full=()):
     """Freeze every weight of `model` and put a fresh adapter on each targeted Linear (in place);
-    `base` is the checkpoint the adapter is trained on, recorded in adapter_config.json."""
+    `base` is the checkpoint the adapter is trained on, recorded in adapter_config.json. The parts
+    named in `full` (VISION, or nothing) train whole instead, in fp32 whatever the base's dtype
+    (AdamW needs master weights), as PEFT's modules_to_save."""
     if rank < 1:
         raise cli.UsageError(f"--lora_rank={rank}: must be a positive rank (0 turns LoRA off)")
     model.requires_grad_(False)
     for name, linear in list(targeted(model, targets)):
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, LoRALinear(linear, rank, alpha, dropout))
-    model.lora = Settings(rank, alpha, dropout, sorted(set(targets)), base)
+    model.lora = Settings(rank, alpha, dropout, sorted(set(targets)), base, tuple(full))
+    for _, p in trained_in_full(model):
+        p.data = p.data.float()
+        p.requires_grad_(True)
     return model
+
+
+def trained_in_full(model):
+    """(name, parameter) of every weight in the parts the adapter's settings train whole."""
+    parts = model.lora.modules_to_save
+    return [(n, p) for n, p in model.named_parameters() if any(n == m or n.startswith(m + ".") for m in parts)]
 
 
 def adapters(model):
@@ -123,14 +136,19 @@ def merge(model):
     for name, m in adapters(model).items():
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, m.merged())
+    dtype = model.lm_head.weight.dtype
+    for _, p in trained_in_full(model):  # back to the base's dtype, as the rest
+        p.data = p.data.to(dtype)
     model.__dict__.pop("lora", None)
     return model
 
 
 def state_dict(model):
-    """The adapter weights under PEFT's key names: base_model.model.<module path>.lora_A.weight."""
-    return {f"{PREFIX}{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}").detach().contiguous()
-            for name, m in adapters(model).items() for ab in "AB"}
+    """The adapter weights under PEFT's key names: base_model.model.<module path>.lora_A.weight, and
+    the weights trained in full under their own: base_model.model.<parameter name>."""
+    return {**{f"{PREFIX}{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}").detach().contiguous()
+               for name, m in adapters(model).items() for ab in "AB"},
+            **{PREFIX + name: p.detach().contiguous() for name, p in trained_in_full(model)}}
 
 
 def save_pretrained(model, path):
@@ -143,7 +161,8 @@ def save_pretrained(model, path):
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": s.r, "lora_alpha": s.lora_alpha,
               "lora_dropout": s.lora_dropout, "target_modules": s.target_modules,
               "base_model_name_or_path": s.base_model_name_or_path, "bias": "none", "fan_in_fan_out": False,
-              "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+              "inference_mode": True, "init_lora_weights": True,
+              "modules_to_save": list(s.modules_to_save) or None,
               "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}}
     atomic_write(os.path.join(path, "adapter_config.json"), json.dumps(config, indent=2))
 
@@ -164,8 +183,11 @@ def read_settings(path):
             raise InputError(f"{file}: {key}={d[key]!r} is not supported (expected {plain!r})")
     targets = d["target_modules"]
     targets = [targets] if isinstance(targets, str) else targets
+    full = tuple(d.get("modules_to_save") or ())
+    if full and sorted(full) != sorted(VISION):
+        raise InputError(f"{file}: modules_to_save={list(full)} is not supported (expected {list(VISION)} or none)")
     return Settings(int(d["r"]), float(d["lora_alpha"]), float(d.get("lora_dropout", 0.0)), sorted(targets),
-                    d.get("base_model_name_or_path") or "")
+                    d.get("base_model_name_or_path") or "", full)
 
 
 def load_adapter(model, path):
@@ -182,6 +204,8 @@ def load_adapter(model, path):
         for name, m in adapters(model).items():
             m.lora_A.copy_(sd[f"{PREFIX}{name}.lora_A.weight"])
             m.lora_B.copy_(sd[f"{PREFIX}{name}.lora_B.weight"])
+        for name, p in trained_in_full(model):
+            p.copy_(sd[PREFIX + name])
     return model
 
 
@@ -203,7 +227,7 @@ def from_pretrained(path, dtype=None):
         return Muffin.from_pretrained(path, dtype)
     s = read_settings(path)
     model = from_pretrained(base_path(path, s))
-    model = merge(load_adapter(apply(model, s.r, s.lora_alpha, 0.0, s.target_modules), path))
+    model = merge(load_adapter(apply(model, s.r, s.lora_alpha, 0.0, s.target_modules, full=s.modules_to_save), path))
     return model.requires_grad_(True).to(dtype) if dtype else model.requires_grad_(True)
 
 

@@ -97,6 +97,7 @@ class TrainConfig:
     lora_alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
     lora_dropout: float = 0.0  # on the adapters' input (each keeps a mask and a copy of it for backward)
     lora_targets: str = ",".join(lora.TARGETS)  # Linears of every decoder block; + mm_projector: the projector
+    lora_vision: bool = False  # with --lora_rank: the tower and its queries train in full too (fp32, AdamW)
 
 
 def lr_at(step, cfg):
@@ -320,12 +321,17 @@ def load_model(cfg, tok):
 
 
 def check_adapter_rank(cfg, ckpt):
-    """A LoRA run resumes only with the rank its checkpoint's adapter has (and a full run only from full weights)."""
-    saved = lora.read_settings(ckpt).r if lora.is_adapter(ckpt) else 0
+    """A LoRA run resumes only with the rank (and --lora_vision) its checkpoint's adapter has, and a
+    full run only from full weights."""
+    settings = lora.read_settings(ckpt) if lora.is_adapter(ckpt) else None
+    saved = settings.r if settings else 0
     if saved != cfg.lora_rank:
         holds = f"an adapter of rank {saved}" if saved else "full weights, no adapter"
         raise cli.UsageError(f"--lora_rank={cfg.lora_rank}: {ckpt} holds {holds}; resume with "
                              f"--lora_rank={saved} or use another --out_dir")
+    if settings and bool(settings.modules_to_save) != cfg.lora_vision:
+        raise cli.UsageError(f"--lora_vision={cfg.lora_vision}: {ckpt} was trained with "
+                             f"--lora_vision={not cfg.lora_vision}; resume with that or use another --out_dir")
 
 
 def check_lora_options(cfg):
@@ -338,6 +344,9 @@ def check_lora_options(cfg):
     if cfg.lora_rank and cfg.fsdp:
         raise cli.UsageError("--lora_rank runs in one process or with DDP under torchrun, not with --fsdp "
                              "(FSDP2 shards full training; a LoRA step's states fit one GPU)")
+    if cfg.lora_vision and (not cfg.lora_rank or cfg.freeze_vision):
+        raise cli.UsageError("--lora_vision trains the tower beside the adapters: it needs --lora_rank "
+                             "and not --freeze_vision")
 
 
 def save(model, tok_file, path, state=None):
@@ -377,7 +386,7 @@ def train(cfg):
     if cfg.lora_rank:
         torch.manual_seed(cfg.seed)  # the adapters' A: the same on every rank and in every run of this seed
         lora.apply(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, lora.parse_targets(cfg.lora_targets),
-                   base=cfg.init)
+                   base=cfg.init, full=lora.VISION if cfg.lora_vision else ())
         if state is not None:
             lora.load_adapter(model, state["adapter"])
     records = Records(cfg.data)
@@ -449,11 +458,11 @@ def train(cfg):
 
 
 def place(model, cfg, sharded):
-    """What trains (the tower and its queries only without --freeze_vision and --lora_rank; set
-    before sharding, which reads it), activation checkpointing, and where the weights live: FSDP2
-    shards or cfg.device."""
+    """What trains (the tower and its queries unless --freeze_vision, or --lora_rank without
+    --lora_vision; set before sharding, which reads it), activation checkpointing, and where the
+    weights live: FSDP2 shards or cfg.device."""
     for part in (model.model.vision_tower, model.model.query):
-        part.requires_grad_(not cfg.freeze_vision and not cfg.lora_rank)
+        part.requires_grad_(not cfg.freeze_vision and (not cfg.lora_rank or cfg.lora_vision))
     model.grad_checkpointing = cfg.grad_ckpt
     if sharded:
         parallel.shard(model, cfg.device)
@@ -484,8 +493,9 @@ class LogWindow:
         self.cfg, self.pad_id, self.rank, self.world = cfg, pad_id, rank, world
         self.peak, self.t_start, self.start_step = peak_flops(cfg.device), time.time(), step
         self.per_token, self.per_image = train_flops(model, 1, 0), train_flops(model, 0, 1)
-        if hasattr(model, "lora"):  # no weight gradients: 4 FLOPs per frozen weight per token; tower forward only
-            self.per_token, self.per_image = self.per_token * 2 / 3, self.per_image / 3
+        if hasattr(model, "lora"):  # no weight gradients: 4 FLOPs per frozen weight per token
+            self.per_token = self.per_token * 2 / 3  # (a frozen tower runs forward only)
+            self.per_image = self.per_image if model.lora.modules_to_save else self.per_image / 3
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
         self.reset()

@@ -46,6 +46,9 @@ MINIATURE = dict(lr=1.5e-5, average=False, steps=200)
 def settle(cfg, given=()):
     """cfg with the miniature's values (MINIATURE) for every option not in `given` (the names given
     on the command line: cli.given)."""
+    if cfg.lora_vision:
+        raise cli.UsageError("--lora_vision: the miniature's tower learns in a stage of its own and is "
+                             "frozen in every later one")
     return replace(cfg, **{k: v for k, v in MINIATURE.items() if k not in given})
 
 

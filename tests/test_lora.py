@@ -145,6 +145,34 @@ def test_peft_layout_round_trip(tmp_path, init_ckpt, tok):
          "base_model_name_or_path": str(init_ckpt)}
 
 
+def test_lora_vision_trains_the_tower_whole_beside_the_adapters(tmp_path, dataset, init_ckpt, tok):
+    """--lora_vision: two LoRA DDPO steps move the tower and its queries (fp32) and every adapter,
+    and nothing else; the optimizer holds exactly those. The output names them in modules_to_save
+    and holds them whole under base_model.model.<name>; loaded back, or merged into the base, it
+    gives the trained model's logits (merged: within fp32 rounding of the folded adapters)."""
+    before = Muffin.from_pretrained(init_ckpt).state_dict()
+    model = train.train(config(tmp_path, dataset, init_ckpt, lr=1e-3, steps=2, save_every=2, lora_rank=4,
+                               lora_vision=True))
+    tower = {n for n, _ in model.named_parameters() if n.startswith(lora.VISION)}
+    adapters = {f"{n}.lora_{ab}" for n in lora.adapters(model) for ab in "AB"}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == tower | adapters
+    moved = {n for n, t in model.state_dict().items() if n in before and not torch.equal(t, before[n])}
+    assert moved and moved <= tower and "model.query" in moved
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n in tower)
+    state = torch.load(tmp_path / "run" / "ckpt-2" / "state.pt", weights_only=True)["optimizer"]
+    assert len(state["state"]) == len(tower | adapters)
+    out = tmp_path / "run"
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == list(lora.VISION)
+    saved = load_file(out / "adapter_model.safetensors")
+    assert {k for k in saved if "lora_" not in k} == {lora.PREFIX + n for n in tower}
+    s = lora.read_settings(out)
+    again = lora.load_adapter(lora.apply(Muffin.from_pretrained(init_ckpt), s.r, s.lora_alpha, 0.0,
+                                         s.target_modules, full=s.modules_to_save), out)
+    want = logits(model, tok)
+    assert torch.equal(logits(again, tok), want)
+    assert_close_at_scale(logits(lora.from_pretrained(out), tok), want, rel=FP32_REL)
+
+
 def test_lora_run_resumed_equals_the_uninterrupted_run(tmp_path, dataset, init_ckpt, monkeypatch):
     """Interrupted right after its step-3 checkpoint (adapters, AdamW state, RNG: dropout is on) and
     resumed, a LoRA run logs the same losses and ends with the same adapters as an uninterrupted run."""
@@ -213,7 +241,9 @@ def cli_error(*argv):
 def test_bad_lora_options_are_one_line_usage_errors(tmp_path, dataset, init_ckpt):
     for argv, words in ((["--lora_rank=-1"], "--lora_rank=-1"),
                         (["--lora_rank=4", "--lora_targets=q_proj,qkv"], "unknown qkv"),
-                        (["--lora_rank=4", "--fsdp=True"], "not with --fsdp")):
+                        (["--lora_rank=4", "--fsdp=True"], "not with --fsdp"),
+                        (["--lora_vision=True"], "needs --lora_rank"),
+                        (["--lora_rank=4", "--lora_vision=True", "--freeze_vision=True"], "not --freeze_vision")):
         rc, err = cli_error(*argv)
         assert rc == 2 and len(err) == 1 and words in err[0], err
     # a checkpoint holding a rank-4 adapter, resumed at rank 8 or without LoRA
@@ -223,3 +253,5 @@ def test_bad_lora_options_are_one_line_usage_errors(tmp_path, dataset, init_ckpt
     for rank in (8, 0):
         rc, err = cli_error(*common, f"--lora_rank={rank}")
         assert rc == 2 and len(err) == 1 and "holds an adapter of rank 4" in err[0], err
+    rc, err = cli_error(*common, "--lora_rank=4", "--lora_vision=True")  # the tower was frozen in it
+    assert rc == 2 and len(err) == 1 and "trained with --lora_vision=False" in err[0], err
