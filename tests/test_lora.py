@@ -173,10 +173,12 @@ def test_lora_vision_trains_the_tower_whole_beside_the_adapters(tmp_path, datase
     assert_close_at_scale(logits(lora.from_pretrained(out), tok), want, rel=FP32_REL)
 
 
-def test_lora_run_resumed_equals_the_uninterrupted_run(tmp_path, dataset, init_ckpt, monkeypatch):
+@pytest.mark.parametrize("vision", [False, True])
+def test_lora_run_resumed_equals_the_uninterrupted_run(tmp_path, dataset, init_ckpt, monkeypatch, vision):
     """Interrupted right after its step-3 checkpoint (adapters, AdamW state, RNG: dropout is on) and
-    resumed, a LoRA run logs the same losses and ends with the same adapters as an uninterrupted run."""
-    opts = dict(steps=6, lora_rank=4, lora_dropout=0.1, lr=1e-3)
+    resumed, a LoRA run logs the same losses and ends with the same adapters (and with
+    --lora_vision the same tower) as an uninterrupted run."""
+    opts = dict(steps=6, lora_rank=4, lora_dropout=0.1, lr=1e-3, lora_vision=vision)
     full = train.train(config(tmp_path / "full", dataset, init_ckpt, **opts))
     save = train.save_checkpoint
 
@@ -196,7 +198,8 @@ def test_lora_run_resumed_equals_the_uninterrupted_run(tmp_path, dataset, init_c
     read = lambda d: [json.loads(line)["loss"] for line in open(d / "run" / "log.jsonl")]  # noqa: E731
     assert len(read(tmp_path / "cut")) == 6 and read(tmp_path / "cut")[3:] == read(tmp_path / "full")[3:]
     a, b = lora.state_dict(full), lora.state_dict(cut)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("vision_tower" in k for k in a) == vision
 
 
 def test_sample_and_merge_load_an_adapter_directory(tmp_path, dataset, init_ckpt, capsys):
