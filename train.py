@@ -494,8 +494,9 @@ class LogWindow:
         self.peak, self.t_start, self.start_step = peak_flops(cfg.device), time.time(), step
         self.per_token, self.per_image = train_flops(model, 1, 0), train_flops(model, 0, 1)
         if hasattr(model, "lora"):  # no weight gradients: 4 FLOPs per frozen weight per token
-            self.per_token = self.per_token * 2 / 3  # (a frozen tower runs forward only)
-            self.per_image = self.per_image if model.lora.modules_to_save else self.per_image / 3
+            self.per_token *= 2 / 3
+            if not model.lora.modules_to_save:  # a frozen tower runs forward only
+                self.per_image /= 3
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
         self.reset()
