@@ -3,6 +3,7 @@ import json
 import os
 import random
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -27,6 +28,23 @@ def assert_close_at_scale(actual, expected, rel=FP32_REL, msg=None):
     the whole compared tensor, so that entries near 0 are not held to a tighter bound than rounding
     of the large ones allows."""
     torch.testing.assert_close(actual, expected, rtol=0, atol=rel * expected.abs().max().item(), msg=msg)
+
+
+def interrupted_then_resumed(cfg, stop_at, monkeypatch):
+    """train.train(cfg) killed right after its step-`stop_at` checkpoint, as a job killed there, then
+    run again with --resume; -> the resumed run's model."""
+    save = train.save_checkpoint
+
+    def save_then_die(model, opt, step, cfg, tok_file, **kw):
+        save(model, opt, step, cfg, tok_file, **kw)
+        if step == stop_at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg)
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    return train.train(replace(cfg, resume=True))
 
 
 def ddpo_config(tmp_path, dataset, init_ckpt, **kw):

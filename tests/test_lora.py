@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import lora
 import sample
 import train
-from conftest import FP32_REL, assert_close_at_scale, ddpo_config as config
+from conftest import FP32_REL, assert_close_at_scale, ddpo_config as config, interrupted_then_resumed
 from model import Muffin, sized
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,21 +180,8 @@ def test_lora_run_resumed_equals_the_uninterrupted_run(tmp_path, dataset, init_c
     --lora_vision the same tower) as an uninterrupted run."""
     opts = dict(steps=6, lora_rank=4, lora_dropout=0.1, lr=1e-3, lora_vision=vision)
     full = train.train(config(tmp_path / "full", dataset, init_ckpt, **opts))
-    save = train.save_checkpoint
-
-    def save_then_die(model, opt, step, cfg, tok_file, **kw):
-        save(model, opt, step, cfg, tok_file, **kw)
-        if step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
-    cfg = config(tmp_path / "cut", dataset, init_ckpt, save_every=3, **opts)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(cfg)
-    assert not (tmp_path / "cut" / "run" / "ckpt-3" / "model.safetensors").exists()
-    monkeypatch.setattr(train, "save_checkpoint", save)
-    cfg.resume = True
-    cut = train.train(cfg)
+    cut = interrupted_then_resumed(config(tmp_path / "cut", dataset, init_ckpt, save_every=3, **opts), 3, monkeypatch)
+    assert not (tmp_path / "cut" / "run" / "ckpt-6" / "model.safetensors").exists()  # adapters only
     read = lambda d: [json.loads(line)["loss"] for line in open(d / "run" / "log.jsonl")]  # noqa: E731
     assert len(read(tmp_path / "cut")) == 6 and read(tmp_path / "cut")[3:] == read(tmp_path / "full")[3:]
     a, b = lora.state_dict(full), lora.state_dict(cut)

@@ -7,7 +7,7 @@ import torch
 
 import ddpo
 import train
-from conftest import FP32_REL, assert_close_at_scale, ddpo_config as config
+from conftest import FP32_REL, assert_close_at_scale, ddpo_config as config, interrupted_then_resumed
 from data import Batcher, Records, Tokenizer
 from model import Muffin
 
@@ -54,20 +54,7 @@ def test_resume_reproduces_the_losses(tmp_path, dataset, init_ckpt, monkeypatch)
     """A run interrupted right after its step-3 checkpoint and resumed logs the same losses for
     steps 4-6 as an uninterrupted run: same weights, optimizer state, data order and schedule."""
     train.train(config(tmp_path / "full", dataset, init_ckpt, steps=6))
-    save = train.save_checkpoint
-
-    def save_then_die(model, opt, step, cfg, tok_file, **kw):
-        save(model, opt, step, cfg, tok_file, **kw)
-        if step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
-    cfg = config(tmp_path / "cut", dataset, init_ckpt, steps=6, save_every=3)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(cfg)
-    monkeypatch.setattr(train, "save_checkpoint", save)
-    cfg.resume = True
-    train.train(cfg)
+    interrupted_then_resumed(config(tmp_path / "cut", dataset, init_ckpt, steps=6, save_every=3), 3, monkeypatch)
     full, cut = losses(tmp_path / "full" / "run"), losses(tmp_path / "cut" / "run")
     assert len(cut) == 6 and cut[3:] == full[3:]
 
